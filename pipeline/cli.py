@@ -1,0 +1,132 @@
+"""The `pipeline` command: parses options and calls the stage functions, nothing more.
+
+Stages that do not train never import torch here, so `pipeline gather --help` starts fast.
+Errors: bad input is one `error: ...` line and exit 2; any other failure is one line and
+exit 1; tracebacks only with --verbose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from pipeline import __version__, progress
+from pipeline.errors import InputError
+
+log = logging.getLogger("pipeline")
+
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pipeline")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+def cli(verbose: bool, quiet: bool) -> None:
+    """From ImageNet synset ids to a fine-tuned image classifier.
+
+    \b
+    The stages, in order (each reads the previous one's output):
+      gather     download a synset's images from an ImageNet URL list
+      validate   decode every image, quarantine the unreadable ones
+      label      write train/val "path label" manifests and the label map
+      mean       compute the mean image of the training set
+      pack       pre-decode a manifest into an HDF5 file
+      finetune   fine-tune a pretrained AlexNet/VGG with frozen lower layers
+
+    Run `pipeline COMMAND --help` for a command's options.
+    """
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s" if verbose
+                        else "%(message)s")
+    progress.ENABLED = not quiet
+
+
+@cli.command()
+@click.option("--wnid", "wnids", multiple=True, metavar="WNID",
+              help="Synset to download, e.g. n02123045 (repeatable).")
+@click.option("--wnids-file", type=EXISTING_FILE, help="File with one wnid per line.")
+@click.option("--urls", required=True, type=click.Path(path_type=Path),
+              help="ImageNet URL list (fall11_urls.txt style: '<wnid>_<num><TAB><url>').")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("data/raw"), show_default=True,
+              help="Output root: images go to OUT/<wnid>/, the journal to OUT/gather.jsonl.")
+@click.option("--words", type=EXISTING_FILE, help="words.txt, for synset names in the summary.")
+@click.option("--is-a", "is_a", type=EXISTING_FILE,
+              help="wordnet.is_a.txt ('<parent> <child>' per line), for --with-hyponyms.")
+@click.option("--with-hyponyms", is_flag=True,
+              help="Also fetch every hyponym's images, filed under OUT/<wnid>/<hyponym>/.")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Stop at exactly this many good images per synset.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Downloads in flight at once.")
+@click.option("--per-host", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Connections to any one host at once.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to connect, and to wait for each read.")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Extra attempts for transient failures (timeouts, resets, 5xx, 429).")
+@click.option("--max-bytes", type=click.IntRange(min=1024), default=20 * 2**20,
+              show_default=True, help="Larger bodies are dropped as too_large.")
+@click.option("--min-size", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Images whose shorter side is smaller are dropped as too_small.")
+@click.option("--ignore-opt-out", is_flag=True,
+              help="Keep images whose X-Robots-Tag says noai/noimageai (honoured by default).")
+@click.option("--placeholder", "placeholders", multiple=True, type=EXISTING_FILE,
+              help="An image a host serves for deleted photos; identical bytes are dropped "
+                   "as placeholder (repeatable).")
+def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Path,
+           words: Path | None, is_a: Path | None, with_hyponyms: bool, limit: int | None,
+           concurrency: int, per_host: int, timeout: float, retries: int, max_bytes: int,
+           min_size: int, ignore_opt_out: bool, placeholders: tuple[Path, ...]) -> None:
+    """Download the images of one or more synsets, in parallel, resumably.
+
+    Every finished URL is journaled; running the same command again resumes: good images
+    and final failures (404, not an image, ...) are not fetched again, transient ones are.
+    """
+    from pipeline import gather as stage
+    from pipeline.urllist import read_wnids_file, read_words
+
+    requested = list(wnids) + (read_wnids_file(wnids_file) if wnids_file else [])
+    options = stage.GatherOptions(
+        out=out, concurrency=concurrency, per_host=per_host, timeout=timeout, retries=retries,
+        max_bytes=max_bytes, min_size=min_size, limit=limit, honour_opt_out=not ignore_opt_out,
+        placeholder_digests=frozenset(hashlib.sha256(p.read_bytes()).hexdigest()
+                                      for p in placeholders))
+    report = stage.gather_synsets(urls, requested, options, is_a=is_a,
+                                  with_hyponyms=with_hyponyms)
+    click.echo(stage.format_summary(report, read_words(words) if words else None))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps every failure to a one-line message and an exit code."""
+    try:
+        code = cli.main(args=argv, prog_name="pipeline", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "pipeline"
+        _fail(f"error: {exc.format_message()} (see '{where} --help')", exc.exit_code)
+    except click.ClickException as exc:
+        _fail(f"error: {exc.format_message()}", exc.exit_code)
+    except InputError as exc:
+        _fail(f"error: {exc}", 2)
+    except KeyboardInterrupt:
+        _fail("error: interrupted (re-run the same command to resume)", 130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        _fail(f"error: {type(exc).__name__}: {exc}", 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        traceback.print_exc()
+    click.echo(message, err=True)
+    sys.exit(code)

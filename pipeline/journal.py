@@ -1,0 +1,80 @@
+"""The gather journal: one JSON line per finished URL, append-only.
+
+It is the resume record: a re-run skips every id whose last line is a final outcome and tries
+the transient ones again. Lines are flushed one by one, so `kill -9` loses at most the line
+being written; a torn last line is ignored on reading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("ok", "dead", "http_error", "timeout", "not_image", "too_large", "too_small",
+            "placeholder", "duplicate", "opted_out")
+TRANSIENT_OUTCOMES = frozenset({"timeout"})
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def is_final(record: dict[str, Any]) -> bool:
+    """A final outcome is not tried again on resume; a transient one is.
+
+    Timeouts, connection failures and 5xx/429 answers may well succeed later.
+    """
+    if record.get("final") is not None:
+        return bool(record["final"])
+    return record["outcome"] not in TRANSIENT_OUTCOMES
+
+
+def read_journal(path: Path) -> dict[str, dict[str, Any]]:
+    """The last record of every id; unparsable lines (a torn tail after a kill) are skipped."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    skipped = 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+                records[record["id"]] = record
+            except (ValueError, KeyError, TypeError):
+                skipped += 1
+    if skipped:
+        log.warning("journal %s: skipped %d unreadable line(s)", path, skipped)
+    return records
+
+
+class Journal:
+    """Appends records; each line is written whole and flushed before the next."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._terminate_torn_tail(path)
+        self._handle: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    @staticmethod
+    def _terminate_torn_tail(path: Path) -> None:
+        """After a kill mid-line, start on a fresh line so the next record stays parsable."""
+        if not path.exists() or path.stat().st_size == 0:
+            return
+        with open(path, "rb+") as handle:
+            handle.seek(-1, 2)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
