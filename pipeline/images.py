@@ -123,12 +123,11 @@ def _draft_request(size: tuple[int, int], min_side: int) -> tuple[int, int]:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB; transparency is composited onto a white background."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _high_depth_to_rgb(image)
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
