@@ -17,6 +17,7 @@ import click
 
 from pipeline import __version__, progress
 from pipeline.errors import InputError
+from pipeline.parallel import default_workers
 
 log = logging.getLogger("pipeline")
 
@@ -102,6 +103,99 @@ def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Pat
     report = stage.gather_synsets(urls, requested, options, is_a=is_a,
                                   with_hyponyms=with_hyponyms)
     click.echo(stage.format_summary(report, read_words(words) if words else None))
+
+
+@cli.command()
+@click.argument("root", default=Path("data/raw"), type=click.Path(path_type=Path))
+@click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path),
+              help="Where unreadable files are moved.  [default: ROOT/../rejected]")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON Lines log of every quarantined file.  [default: ROOT/../validate.jsonl]")
+@click.option("--min-size", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Images whose shorter side is smaller are quarantined as too_small.")
+@click.option("--workers", type=click.IntRange(min=1), default=default_workers,
+              show_default="all cores", help="Decoding processes.")
+@click.option("--seconds-per-file", type=click.FloatRange(min=0.1), default=30.0,
+              show_default=True, help="A file that takes longer to decode is quarantined.")
+def validate(root: Path, quarantine: Path | None, report: Path | None, min_size: int,
+             workers: int, seconds_per_file: float) -> None:
+    """Fully decode every image under ROOT; move unreadable ones to quarantine.
+
+    Nothing is deleted: each rejected file is moved to the quarantine folder under the same
+    relative path, with a JSON line giving the reason. Unchanged files already validated are
+    skipped on re-runs.
+    """
+    from pipeline import validate as stage
+
+    options = stage.ValidateOptions(
+        quarantine=quarantine or root.parent / "rejected",
+        report=report or root.parent / "validate.jsonl",
+        min_size=min_size, workers=workers, seconds_per_file=seconds_per_file)
+    click.echo(stage.format_validate_summary(stage.validate(root, options)))
+
+
+@cli.command()
+@click.argument("root", default=Path("data/raw"), type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("manifests"), show_default=True, help="Folder for the manifests.")
+@click.option("--val-ratio", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
+              show_default=True, help="Share of each class held out for validation.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option("--words", type=EXISTING_FILE, help="words.txt, for human class names.")
+def label(root: Path, out: Path, val_ratio: float, seed: int, words: Path | None) -> None:
+    """Write train/val manifests and the label map from ROOT's class folders.
+
+    One class per top-level folder of ROOT (sorted); images in nested folders belong to their
+    top-level class. Writes OUT/train.txt, OUT/val.txt ("path label" lines), OUT/labels.txt,
+    OUT/root.txt and OUT/duplicates.txt. Identical files always land on the same side.
+    """
+    from pipeline.manifest import format_label_summary
+    from pipeline.manifest import label as run_label
+    from pipeline.urllist import read_words
+
+    report = run_label(root, out, val_ratio=val_ratio, seed=seed,
+                       words=read_words(words) if words else None)
+    click.echo(format_label_summary(report))
+
+
+@cli.command()
+@click.argument("manifest", default=Path("manifests/train.txt"),
+                type=click.Path(path_type=Path))
+@click.option("--size", type=click.IntRange(min=8), default=256, show_default=True,
+              help="Images are resized (shorter side) and center-cropped to SIZE x SIZE.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("data/mean.npy"), show_default=True,
+              help="The .npy; .png, .json and .images.txt are written beside it.")
+@click.option("--workers", type=click.IntRange(min=1), default=default_workers,
+              show_default="all cores", help="Decoding processes.")
+def mean(manifest: Path, size: int, out: Path, workers: int) -> None:
+    """Compute the mean image of MANIFEST's images (after training's resize/crop)."""
+    from pipeline.mean import compute_mean
+
+    result = compute_mean(manifest, out, size=size, workers=workers)
+    rgb = ", ".join(f"{m:.2f}" for m in result.channel_mean)
+    std = ", ".join(f"{s:.2f}" for s in result.channel_std)
+    click.echo(f"mean of {result.count} image(s) at {size}x{size}: RGB mean [{rgb}], "
+               f"std [{std}]; {len(result.failed)} failed")
+    click.echo("wrote " + ", ".join(str(p) for p in result.outputs))
+
+
+@cli.command()
+@click.argument("manifest", default=Path("manifests/train.txt"),
+                type=click.Path(path_type=Path))
+@click.option("--size", type=click.IntRange(min=8), default=256, show_default=True,
+              help="Images are resized (shorter side) and center-cropped to SIZE x SIZE.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("data/train.h5"), show_default=True, help="The HDF5 file to write.")
+@click.option("--workers", type=click.IntRange(min=1), default=default_workers,
+              show_default="all cores", help="Decoding processes.")
+def pack(manifest: Path, size: int, out: Path, workers: int) -> None:
+    """Pre-decode MANIFEST's images into one HDF5 file (uint8, one image per chunk)."""
+    from pipeline.pack import pack as run_pack
+
+    result = run_pack(manifest, out, size=size, workers=workers)
+    click.echo(f"packed {result.count} image(s) at {size}x{size} into {result.path}; "
+               f"{len(result.failed)} failed")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,7 @@ from pipeline.fsutil import atomic_write_bytes, remove_stale_temp_files
 from pipeline.images import ImageDecodeError, decode_image, sniff_extension
 from pipeline.journal import RETRYABLE_STATUSES, Journal, is_final, read_journal
 from pipeline.progress import Progress
+from pipeline.tables import format_table
 from pipeline.urllist import (
     UrlEntry,
     check_wnid,
@@ -473,9 +474,7 @@ def format_summary(report: GatherReport, names: dict[str, str] | None = None) ->
         name = (names or {}).get(klass, "").split(",")[0]
         rows.append([klass, name, *(str(counts[o]) for o in outcomes),
                      str(sum(counts.values()))])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-             .rstrip() for row in rows]
+    lines = [format_table(rows)]
     fetched = sum(sum(c.values()) for c in report.this_run.values())
     lines.append(f"this run: {fetched} URL(s) finished in {report.seconds:.1f} s, "
                  f"{report.skipped} already final in the journal")

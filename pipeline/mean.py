@@ -1,0 +1,111 @@
+"""`pipeline mean`: the per-pixel mean image of a manifest, streamed and in parallel.
+
+Images go through `preprocess.load_square`, the same resize/crop as training; sums are kept in
+float64 per worker chunk and merged, so memory is one image-sized accumulator per worker
+whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import InputError
+from pipeline.fsutil import atomic_open, atomic_write_bytes, atomic_write_text
+from pipeline.images import ImageDecodeError
+from pipeline.manifest import read_manifest
+from pipeline.parallel import imap
+from pipeline.preprocess import DEFAULT_SIZE, load_square
+from pipeline.progress import Progress
+
+log = logging.getLogger(__name__)
+CHUNK = 64
+
+
+@dataclass
+class _Sums:
+    """Running sums over a chunk of images; adding two gives the sums over both."""
+
+    pixels: np.ndarray  # float64 H x W x 3
+    squares: np.ndarray  # float64 per channel
+    count: int
+    used: list[str]
+    failed: list[tuple[str, str]]
+
+    def add(self, other: _Sums) -> None:
+        self.pixels += other.pixels
+        self.squares += other.squares
+        self.count += other.count
+        self.used += other.used
+        self.failed += other.failed
+
+
+@dataclass
+class MeanResult:
+    mean: np.ndarray
+    channel_mean: list[float]
+    channel_std: list[float]
+    count: int
+    failed: list[tuple[str, str]]
+    outputs: list[Path]
+
+
+def compute_mean(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
+                 workers: int = 1) -> MeanResult:
+    """Write OUT (.npy), OUT.png, OUT.json and OUT.images.txt (the images actually used)."""
+    manifest = read_manifest(manifest_path)
+    if len(manifest) == 0:
+        raise InputError(f"manifest {manifest_path} lists no images")
+    chunks = [(manifest.root, [str(p) for p in manifest.paths[i:i + CHUNK]], size)
+              for i in range(0, len(manifest), CHUNK)]
+    total = _Sums(np.zeros((size, size, 3)), np.zeros(3), 0, [], [])
+    progress = Progress("mean", total=len(manifest))
+    for sums in imap(_sum_chunk, chunks, workers, chunksize=1, ordered=True):
+        total.add(sums)
+        progress.update(sums.count + len(sums.failed))
+    progress.close()
+    if total.count == 0:
+        raise InputError(f"none of the {len(manifest)} images in {manifest_path} could be read")
+    return _save(total, out, size)
+
+
+def _sum_chunk(job: tuple[Path, list[str], int]) -> _Sums:
+    root, paths, size = job
+    sums = _Sums(np.zeros((size, size, 3)), np.zeros(3), 0, [], [])
+    for relative in paths:
+        try:
+            pixels = load_square(root / relative, size).astype(np.float64)
+        except (ImageDecodeError, OSError) as exc:
+            sums.failed.append((relative, str(exc)))
+            continue
+        sums.pixels += pixels
+        sums.squares += np.einsum("hwc,hwc->c", pixels, pixels)
+        sums.count += 1
+        sums.used.append(relative)
+    return sums
+
+
+def _save(total: _Sums, out: Path, size: int) -> MeanResult:
+    mean = total.pixels / total.count
+    channel_mean = mean.mean(axis=(0, 1))
+    n_values = total.count * size * size
+    channel_std = np.sqrt(np.maximum(total.squares / n_values - channel_mean**2, 0.0))
+    npy, png, meta, used = (out.with_suffix(s) for s in (".npy", ".png", ".json", ".images.txt"))
+    with atomic_open(npy) as handle:
+        np.save(handle, mean.astype(np.float32))
+    with atomic_open(png) as handle:
+        Image.fromarray(np.clip(mean.round(), 0, 255).astype(np.uint8), "RGB").save(handle, "PNG")
+    atomic_write_text(meta, json.dumps({
+        "size": [size, size], "count": total.count, "channels": "RGB",
+        "mean": channel_mean.round(4).tolist(), "std": channel_std.round(4).tolist(),
+        "failed": [{"path": p, "error": e} for p, e in total.failed]}, indent=2) + "\n")
+    atomic_write_bytes(used, "".join(f"{p}\n" for p in total.used).encode("utf-8"))
+    for path, error in total.failed:
+        log.warning("mean: skipped %s: %s", path, error)
+    return MeanResult(mean.astype(np.float32), channel_mean.tolist(), channel_std.tolist(),
+                      total.count, total.failed, [npy, png, meta, used])
