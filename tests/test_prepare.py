@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagefiles import encoded, make_dataset, pattern, write_image
 from pipeline.errors import InputError
 from pipeline.manifest import label, read_labels, read_manifest, write_manifest
 from pipeline.mean import compute_mean
 from pipeline.pack import pack
 from pipeline.preprocess import load_square
 from pipeline.validate import ValidateOptions, validate
+
+from imagefiles import encoded, make_dataset, pattern, write_image
 
 
 def add_broken_files(root: Path) -> dict[str, str]:
