@@ -8,6 +8,7 @@ exit 1; tracebacks only with --verbose.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 import traceback
@@ -196,6 +197,141 @@ def pack(manifest: Path, size: int, out: Path, workers: int) -> None:
     result = run_pack(manifest, out, size=size, workers=workers)
     click.echo(f"packed {result.count} image(s) at {size}x{size} into {result.path}; "
                f"{len(result.failed)} failed")
+
+
+ARCH_CHOICES = ("alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
+                "vgg19", "vgg19_bn")
+
+
+@cli.command()
+@click.option("--arch", type=click.Choice(ARCH_CHOICES), default="alexnet", show_default=True)
+@click.option("--freeze-until", metavar="NAME", help="Mark the layers this would freeze.")
+def layers(arch: str, freeze_until: str | None) -> None:
+    """Print an architecture's layers under their classic names (conv1 ... fc8)."""
+    from pipeline.models import describe_layers
+    from pipeline.tables import format_table
+
+    click.echo(format_table(describe_layers(arch, freeze_until)))
+
+
+@cli.command()
+@click.option("--train", "train_data", required=True, type=click.Path(path_type=Path),
+              help="Training data: a manifest (manifests/train.txt) or a packed .h5 file.")
+@click.option("--val", "val_data", type=click.Path(path_type=Path),
+              help="Validation data (manifest or .h5), evaluated after every epoch.")
+@click.option("--arch", type=click.Choice(ARCH_CHOICES), default="alexnet", show_default=True)
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (torchvision's cache), none (from scratch), or a .pt/.pth file.")
+@click.option("--freeze-until", default="conv4", show_default=True, metavar="NAME",
+              help="Freeze this layer and all before it (see `pipeline layers`); 'none' "
+                   "trains everything.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01,
+              show_default=True, help="Learning rate of the new fc8 (and of all layers with "
+                                      "--weights none).")
+@click.option("--lr-mult", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Pretrained unfrozen layers learn at LR x LR_MULT (Caffe's lr_mult).")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
+              help="L2 on weights (not biases).")
+@click.option("--schedule", type=click.Choice(["step", "cosine", "plateau"]), default="step",
+              show_default=True, help="step: /10 every --step-epochs; plateau: /10 when "
+                                      "validation top-1 stops improving (the VGG paper's rule).")
+@click.option("--step-epochs", type=click.IntRange(min=1),
+              help="Epochs between /10 steps.  [default: a third of --epochs]")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True)
+@click.option("--crop", type=click.IntRange(min=8), default=224, show_default=True,
+              help="Network input size.")
+@click.option("--resize", type=click.IntRange(min=8), default=256, show_default=True,
+              help="Shorter side before cropping.")
+@click.option("--scale-jitter", nargs=2, type=click.IntRange(min=8), metavar="MIN MAX",
+              help="Train with the shorter side drawn from [MIN, MAX] (VGG: 256 512).")
+@click.option("--mean", default="auto", show_default=True,
+              help="Normalization: auto (the weights' own), imagenet, or a mean.npy from "
+                   "`pipeline mean`.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Loader processes.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("runs/finetune"), show_default=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="bf16 autocast on CPU/GPU, fp16 (+grad scaling) on CUDA.")
+@click.option("--channels-last", is_flag=True, help="NHWC memory format (faster on some "
+                                                     "CPUs/GPUs).")
+@click.option("--max-steps", type=click.IntRange(min=1), hidden=True)
+def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
+             freeze_until: str, epochs: int, batch_size: int, lr: float, lr_mult: float,
+             momentum: float, weight_decay: float, schedule: str, step_epochs: int | None,
+             label_smoothing: float, crop: int, resize: int,
+             scale_jitter: tuple[int, int] | None, mean: str, workers: int, out: Path,
+             resume: bool, seed: int, precision: str, channels_last: bool,
+             max_steps: int | None) -> None:
+    """Fine-tune a pretrained AlexNet/VGG with its lower layers frozen.
+
+    Writes OUT/log.csv (a line per epoch), OUT/checkpoint.pt (every epoch), OUT/best.pt,
+    OUT/config.json and OUT/metrics.json. Works under `torchrun --nproc_per_node=N -m
+    pipeline finetune ...` (DDP; gloo on CPU).
+    """
+    from pipeline.train import FinetuneConfig
+    from pipeline.train import finetune as run_finetune
+
+    config = FinetuneConfig(
+        train=train_data, val=val_data, arch=arch, weights=weights,
+        freeze_until=None if freeze_until == "none" else freeze_until, epochs=epochs,
+        batch_size=batch_size, lr=lr, lr_mult=lr_mult, momentum=momentum,
+        weight_decay=weight_decay, schedule=schedule, step_epochs=step_epochs,
+        label_smoothing=label_smoothing, crop=crop, resize=resize,
+        jitter=tuple(scale_jitter) if scale_jitter else None, mean=mean, workers=workers,
+        out=out, resume=resume, seed=seed, precision=precision, channels_last=channels_last,
+        max_steps=max_steps)
+    metrics = run_finetune(config)
+    if metrics:
+        click.echo(json.dumps(metrics, indent=2))
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder.  [default: CHECKPOINT's folder/eval-DATA]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+def evaluate(checkpoint: Path, data: Path, out: Path | None, batch_size: int,
+             workers: int) -> None:
+    """Top-1/top-5, per-class accuracy and confusion matrix of CHECKPOINT on DATA.
+
+    DATA is a manifest or a packed .h5; preprocessing comes from the checkpoint.
+    """
+    from pipeline.evaluate import evaluate_checkpoint
+
+    out = out or checkpoint.parent / f"eval-{data.stem}"
+    result = evaluate_checkpoint(checkpoint, data, out, batch_size=batch_size, workers=workers)
+    click.echo(f"{result.count} image(s): top1 {result.top1:.4f}, top5 {result.top5:.4f}, "
+               f"loss {result.loss:.4f}; {len(result.skipped)} skipped; reports in {out}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int) -> None:
+    """Classify IMAGES with CHECKPOINT: top-k classes with probabilities."""
+    from pipeline.evaluate import predict as run_predict
+
+    failed = 0
+    for prediction in run_predict(checkpoint, list(images), top_k):
+        if prediction.error:
+            failed += 1
+            click.echo(f"{prediction.path}\terror: {prediction.error}")
+            continue
+        ranked = "  ".join(f"{p:.3f} {wnid} ({name.split(',')[0]})"
+                           for p, wnid, name in prediction.top)
+        click.echo(f"{prediction.path}\t{ranked}")
+    if failed:
+        raise InputError(f"{failed} of {len(images)} image(s) could not be read")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,11 +1,14 @@
-"""The one place that turns a decoded image into a fixed-size training input.
+"""The one place that turns a decoded image into a fixed-size network input.
 
-mean, pack and evaluation all call `load_square`, so the mean image is computed over exactly
+mean and pack call `load_square`; the training loader, evaluate and predict use `InputSpec`;
+both scale the shorter side and crop the same way, so the mean image is computed over exactly
 the pixels the network sees (DESIGN.md: "after the same resize/crop that training uses").
 """
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +21,56 @@ DEFAULT_SIZE = 256
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Scale the shorter side to `size`, then cut the central size x size square."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-    if new_size != image.size:
-        image = image.resize(new_size, Image.BILINEAR, reducing_gap=3.0)
-    left = (new_size[0] - size) // 2
-    top = (new_size[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    return _center_crop(_scale_shorter_side(image, size), size)
 
 
 def load_square(path: str | Path, size: int = DEFAULT_SIZE) -> np.ndarray:
     """Decode `path` (at reduced JPEG scale when possible) into a size x size x 3 uint8 array."""
     image = decode_image(path, min_side=size)
     return np.asarray(resize_center_crop(image, size), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image becomes network input; saved in every checkpoint.
+
+    Training: shorter side to `resize` (or to a random S in `jitter`, VGG's scale jittering),
+    a random crop x crop window, a random horizontal flip. Evaluation: shorter side to
+    `resize`, the central crop x crop window.
+    """
+
+    crop: int = 224
+    resize: int = 256
+    jitter: tuple[int, int] | None = None
+
+    def train_pixels(self, image: Image.Image, rng: random.Random) -> np.ndarray:
+        side = rng.randint(*self.jitter) if self.jitter else self.resize
+        image = _scale_shorter_side(image, max(side, self.crop))
+        left = rng.randint(0, image.size[0] - self.crop)
+        top = rng.randint(0, image.size[1] - self.crop)
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
+
+    def eval_pixels(self, image: Image.Image) -> np.ndarray:
+        image = _scale_shorter_side(image, max(self.resize, self.crop))
+        return np.array(_center_crop(image, self.crop), dtype=np.uint8)
+
+    @property
+    def decode_side(self) -> int:
+        """The smallest side decoding may reduce a JPEG to without losing needed detail."""
+        return max(self.crop, self.resize, self.jitter[1] if self.jitter else 0)
+
+
+def _scale_shorter_side(image: Image.Image, side: int) -> Image.Image:
+    width, height = image.size
+    scale = side / min(width, height)
+    size = (max(side, round(width * scale)), max(side, round(height * scale)))
+    return image if size == image.size else image.resize(size, Image.BILINEAR, reducing_gap=3.0)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    left = (image.size[0] - size) // 2
+    top = (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))

@@ -21,6 +21,7 @@ class Progress:
         self.total = total
         self.done = 0
         self.counts: Counter[str] = Counter()
+        self.status = ""  # free text shown after the counts, e.g. the running loss
         self._stream = stream or sys.stderr
         self._tty = self._stream.isatty()
         self._interval = redraw_every if self._tty else log_every
@@ -50,6 +51,8 @@ class Progress:
             parts.append(str(self.done))
         parts.append(f"{rate:.1f}/s")
         parts.extend(f"{key}={value}" for key, value in sorted(self.counts.items()))
+        if self.status:
+            parts.append(self.status)
         if self.total and rate > 0 and self.done < self.total:
             parts.append(f"eta {_clock((self.total - self.done) / rate)}")
         parts.append(f"elapsed {_clock(elapsed)}")

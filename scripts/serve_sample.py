@@ -161,7 +161,7 @@ class Mirror:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Counting, the request limit and the added latency apply to every route but /stats."""
+        """Counting, the request limit and the latency apply to every route but /stats."""
         route = request.match_info.route.name or "unmatched"
         if route == "stats":
             return await handler(request)
@@ -169,9 +169,17 @@ class Mirror:
             self.stop.set()
             return web.Response(status=503, text=html_page("503 Request limit reached"),
                                 content_type="text/html")
-        if self.latency > 0:
-            await asyncio.sleep(self.latency)
-        return await handler(request)
+        transport = request.transport  # aiohttp forgets it once it starts closing
+        try:
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+            return await handler(request)
+        except asyncio.CancelledError:
+            # Cancelled at shutdown or on disconnect. A closed transport still waits to flush
+            # its buffer (a huge body) to a client that may never read it: abort instead.
+            if transport is not None:
+                transport.abort()
+            raise
 
     # -- bodies
 
