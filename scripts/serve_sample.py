@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from PIL import Image
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
@@ -73,17 +74,17 @@ class Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.total = 0
+        self._total = 0
         self._by_route: Counter[str] = Counter()
         self._by_path: Counter[str] = Counter()
 
     def count(self, route: str, path: str) -> int:
         """Count one request; return the running total."""
         with self._lock:
-            self.total += 1
+            self._total += 1
             self._by_route[route] += 1
             self._by_path[path] += 1
-            return self.total
+            return self._total
 
     def hits(self, path: str) -> int:
         with self._lock:
@@ -91,7 +92,7 @@ class Counters:
 
     def snapshot(self, *, paths: bool) -> dict[str, Any]:
         with self._lock:
-            stats: dict[str, Any] = {"requests": self.total, "by_route": dict(self._by_route)}
+            stats: dict[str, Any] = {"requests": self._total, "by_route": dict(self._by_route)}
             if paths:
                 stats["by_path"] = dict(self._by_path)
             return stats
@@ -160,7 +161,7 @@ class Mirror:
         return app
 
     @web.middleware
-    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Counting, the request limit and the latency apply to every route but /stats."""
         route = request.match_info.route.name or "unmatched"
         if route == "stats":
@@ -200,11 +201,9 @@ class Mirror:
                                    content_type="text/html") from None
 
     def _image(self, request: web.Request, data: bytes | None = None,
-               **headers: str) -> web.Response:
-        name = request.match_info["file"]
-        content_type = CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+               headers: dict[str, str] | None = None) -> web.Response:
         return web.Response(body=self._file(request) if data is None else data,
-                            content_type=content_type, headers=headers)
+                            content_type=_content_type(request), headers=headers)
 
     def _placeholder_bytes(self) -> bytes:
         return self._cache.get(("placeholder",), (self.root / "placeholder.png").read_bytes)
@@ -235,7 +234,7 @@ class Mirror:
 
     async def _stall(self, request: web.Request) -> web.StreamResponse:
         data = self._file(request)
-        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response = web.StreamResponse(headers={"Content-Type": _content_type(request)})
         response.content_length = len(data)
         await response.prepare(request)
         await response.write(data[: len(data) // 2])
@@ -292,7 +291,7 @@ class Mirror:
         return web.Response(body=self._placeholder_bytes(), content_type="image/png")
 
     async def _noai(self, request: web.Request) -> web.Response:
-        return self._image(request, **{"X-Robots-Tag": "noai, noimageai"})
+        return self._image(request, headers={"X-Robots-Tag": "noai, noimageai"})
 
     async def _tiny(self, request: web.Request) -> web.Response:
         key = ("tiny", request.match_info["wnid"], request.match_info["file"],
@@ -306,6 +305,11 @@ class Mirror:
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.counters.snapshot(paths=False))
+
+
+def _content_type(request: web.Request) -> str:
+    suffix = Path(request.match_info["file"]).suffix.lower()
+    return CONTENT_TYPES.get(suffix, "application/octet-stream")
 
 
 def _error(code: int) -> web.Response:
