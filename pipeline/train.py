@@ -163,10 +163,8 @@ class _Trainer:
                 else None)
         self.sampler = EpochSampler(len(self.train_images), shuffle=True, seed=config.seed,
                                     rank=ranks.rank, world=ranks.world)
-        batches = len(self.sampler) // config.batch_size
         self.loader = make_loader(self.train_images, self.sampler,
-                                  batch_size=config.batch_size, workers=config.workers,
-                                  drop_last=batches > 0)
+                                  batch_size=config.batch_size, workers=config.workers)
         self.start_epoch = 1
         self.best_top1 = -1.0
 
@@ -225,7 +223,7 @@ class _Trainer:
             metrics = {"epochs": config.epochs, "best_val_top1": self.best_top1, **last}
             _write_json(config.out / "metrics.json", metrics)
             return metrics
-        return last
+        return {}
 
     def _log_summary(self) -> None:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -255,7 +253,7 @@ class _Trainer:
             if config.max_steps is not None and step >= config.max_steps:
                 break
             skipped += len(batch.skipped)
-            if len(batch.labels) == 0:
+            if len(batch.labels) < 2:  # nothing to learn from; BatchNorm cannot take 1
                 continue
             loss, hits = self._step(batch)
             loss_sum += loss * len(batch.labels)
@@ -264,6 +262,10 @@ class _Trainer:
             progress.status = f"loss {loss_sum / seen:.3f} top1 {correct / seen:.3f}"
             progress.update(count="skipped" if batch.skipped else None)
         progress.close()
+        if self.ranks.world > 1:  # the epoch's figures over all ranks, not rank 0's share
+            totals = torch.tensor([loss_sum, correct, seen, skipped], dtype=torch.float64)
+            dist.all_reduce(totals)
+            loss_sum, correct, seen, skipped = totals[0].item(), *map(int, totals[1:].tolist())
         seconds = time.monotonic() - started
         row = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1),
                "train_top1": correct / max(seen, 1), "skipped": skipped,
