@@ -44,6 +44,11 @@ def dataset(tmp_path_factory) -> Path:
     return base / "manifests"
 
 
+def read_log(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def config(dataset: Path, out: Path, **overrides) -> FinetuneConfig:
     values = {"train": dataset / "train.txt", "val": dataset / "val.txt", "weights": "none",
               "epochs": 1, "out": out, **SMALL, **overrides}
@@ -79,7 +84,7 @@ def test_frozen_batchnorm_statistics_do_not_move(dataset, tmp_path):
 def test_loss_falls_and_accuracy_beats_chance(dataset, tmp_path):
     metrics = finetune(config(dataset, tmp_path / "run", epochs=4, lr=0.02,
                               freeze_until=None, schedule="cosine"))
-    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    rows = list(read_log(tmp_path / "run" / "log.csv"))
     assert len(rows) == 4
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert metrics["val_top1"] > 0.5  # chance is 1/3
@@ -99,7 +104,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(dataset, tmp_pa
     assert resumed["epoch"] == straight["epoch"] == 2
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    log = list(csv.DictReader(open(tmp_path / "resumed" / "log.csv")))
+    log = list(read_log(tmp_path / "resumed" / "log.csv"))
     assert [row["epoch"] for row in log] == ["1", "2"]
 
 
@@ -117,7 +122,7 @@ def test_an_unreadable_image_mid_epoch_is_skipped_and_counted(dataset, tmp_path)
     (copy / "train.txt").write_text("\n".join(lines) + "\n")
     (copy / "val.txt").write_text("\n".join(lines[:6]) + "\n")
     finetune(config(copy, tmp_path / "run", max_steps=None, freeze_until="fc6"))
-    row = next(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    row = read_log(tmp_path / "run" / "log.csv")[0]
     assert row["skipped"] == "1"
     assert int(row["train_images"]) == len(raw)  # every good image of the epoch was used
 
@@ -196,7 +201,7 @@ def test_ddp_two_processes_run_an_epoch(dataset, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = list(csv.DictReader(open(tmp_path / "ddp" / "log.csv")))
+    rows = list(read_log(tmp_path / "ddp" / "log.csv"))
     assert len(rows) == 1  # only rank 0 writes
     assert int(rows[0]["train_images"]) == 36  # summed over both ranks' halves
     assert done.stdout.count('"best_val_top1"') == 1  # only rank 0 reports
