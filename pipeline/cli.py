@@ -334,6 +334,25 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int) -> None:
         raise InputError(f"{failed} of {len(images)} image(s) could not be read")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--compare", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Another run to plot beside RUN_DIR, e.g. the from-scratch baseline "
+                   "(repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for report.html and its PNGs.  [default: RUN_DIR]")
+@click.option("--title", help="Page title.")
+def report(run_dir: Path, compare: tuple[Path, ...], out: Path | None,
+           title: str | None) -> None:
+    """Write RUN_DIR/report.html: curves, confusion matrix, mean image, samples, gather outcomes.
+
+    Self-contained (images embedded); each figure is also saved as a PNG beside it.
+    """
+    from pipeline.report import build_report
+
+    click.echo(f"wrote {build_report(run_dir, compare=list(compare), out=out, title=title)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps every failure to a one-line message and an exit code."""
     try:

@@ -1,0 +1,271 @@
+"""`pipeline report`: one self-contained HTML page (and its PNGs) about a training run.
+
+It gathers what a user wants to see after the chain: what the download kept and dropped and
+why, the classes, the mean image, sample images, the learning curves (of several runs side
+by side, e.g. fine-tuned vs from scratch), the confusion matrix and misclassified images.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.fsutil import atomic_open, atomic_write_text
+from pipeline.gather import JOURNAL_NAME
+from pipeline.images import ImageDecodeError
+from pipeline.journal import read_journal
+from pipeline.manifest import read_labels, read_manifest
+from pipeline.preprocess import load_square
+
+log = logging.getLogger(__name__)
+
+SAMPLES_PER_CLASS = 6
+MAX_MISCLASSIFIED = 12
+MAX_PREDICTED = 400
+
+
+@dataclass
+class RunInfo:
+    name: str
+    folder: Path
+    config: dict[str, Any]
+    log: list[dict[str, float]]
+
+    @property
+    def best_top1(self) -> float:
+        return max((row.get("val_top1", 0.0) for row in self.log), default=0.0)
+
+    @property
+    def final_top1(self) -> float:
+        return self.log[-1].get("val_top1", 0.0) if self.log else 0.0
+
+
+def read_run(folder: Path) -> RunInfo:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        with open(folder / "log.csv", newline="", encoding="utf-8") as handle:
+            rows = [{k: float(v) for k, v in row.items() if v not in ("", None)}
+                    for row in csv.DictReader(handle)]
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder} is not a finished `pipeline finetune` run: {exc}") from None
+    return RunInfo(folder.name, folder, config, rows)
+
+
+def build_report(run_dir: Path, *, compare: list[Path] | None = None,
+                 out: Path | None = None, title: str | None = None) -> Path:
+    """Write OUT/report.html plus one PNG per figure; returns the HTML path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run = read_run(run_dir)
+    others = [read_run(folder) for folder in compare or []]
+    out = out or run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_dir = Path(run.config["train"]).parent
+    sections = [_summary_section(run, others)]
+    sections.append(_curves_section([run, *others], out))
+    if (manifest_dir / "labels.txt").exists():
+        sections.append(_classes_section(manifest_dir, out))
+        journal = read_manifest(manifest_dir / "train.txt").root / JOURNAL_NAME
+        if journal.exists():
+            sections.append(_gather_section(journal, out))
+    mean_png = _mean_png(run.config)
+    if mean_png is not None:
+        sections.append(_figure("Mean image (the training set's, after resize/crop)",
+                                mean_png, "mean.png", out))
+    sections.extend(_evaluation_sections(run, out))
+    page = _page(title or f"pipeline report: {run.name}", sections)
+    atomic_write_text(out / "report.html", page)
+    return out / "report.html"
+
+
+def _summary_section(run: RunInfo, others: list[RunInfo]) -> str:
+    rows = [["run", "weights", "frozen until", "epochs", "final val top-1", "best val top-1"]]
+    for info in [run, *others]:
+        rows.append([info.name, str(info.config.get("weights")),
+                     str(info.config.get("freeze_until")), str(len(info.log)),
+                     f"{info.final_top1:.1%}", f"{info.best_top1:.1%}"])
+    verdict = ""
+    if others:
+        gaps = ", ".join(f"{run.best_top1 - o.best_top1:+.1%} vs {o.name}" for o in others)
+        verdict = f"<p><b>{html.escape(run.name)}</b>: {html.escape(gaps)} (best val top-1).</p>"
+    return "<h2>Runs</h2>" + _table(rows) + verdict
+
+
+def _curves_section(runs: list[RunInfo], out: Path) -> str:
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    for info in runs:
+        epochs = [row["epoch"] for row in info.log]
+        loss_axes.plot(epochs, [r.get("train_loss") for r in info.log], "--",
+                       label=f"{info.name} train")
+        if any("val_loss" in r for r in info.log):
+            loss_axes.plot(epochs, [r.get("val_loss") for r in info.log],
+                           label=f"{info.name} val")
+            acc_axes.plot(epochs, [r.get("val_top1") for r in info.log], marker="o",
+                          label=f"{info.name} val top-1")
+        acc_axes.plot(epochs, [r.get("train_top1") for r in info.log], ":",
+                      label=f"{info.name} train top-1")
+    loss_axes.set(xlabel="epoch", ylabel="loss", title="Loss")
+    acc_axes.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
+    for axes in (loss_axes, acc_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3)
+    return _save_figure(figure, "Training and validation curves", "curves.png", out)
+
+
+def _classes_section(manifest_dir: Path, out: Path) -> str:
+    from matplotlib import pyplot as plt
+
+    classes = read_labels(manifest_dir)
+    train = read_manifest(manifest_dir / "train.txt")
+    val_path = manifest_dir / "val.txt"
+    val_counts = Counter(read_manifest(val_path).labels.tolist()) if val_path.exists() else {}
+    train_counts = Counter(train.labels.tolist())
+    rows = [["index", "class", "name", "train", "val"]]
+    rows += [[str(c.index), c.wnid, c.name.split(",")[0], str(train_counts.get(c.index, 0)),
+              str(val_counts.get(c.index, 0))] for c in classes]
+    figure, grid = plt.subplots(len(classes), SAMPLES_PER_CLASS,
+                                figsize=(SAMPLES_PER_CLASS * 1.2, len(classes) * 1.25),
+                                squeeze=False)
+    for klass, axes_row in zip(classes, grid, strict=True):
+        members = np.flatnonzero(train.labels == klass.index)[:SAMPLES_PER_CLASS]
+        for axes, index in zip(axes_row, list(members) + [None] * SAMPLES_PER_CLASS,
+                               strict=False):
+            axes.axis("off")
+            if index is not None:
+                _show(axes, train.absolute(int(index)))
+        axes_row[0].set_title(klass.name.split(",")[0], fontsize=8, loc="left")
+    figure.tight_layout()
+    return ("<h2>Classes</h2>" + _table(rows)
+            + _save_figure(figure, "Sample training images per class", "samples.png", out))
+
+
+def _gather_section(journal: Path, out: Path) -> str:
+    from matplotlib import pyplot as plt
+
+    per_class: dict[str, Counter[str]] = defaultdict(Counter)
+    for record in read_journal(journal).values():
+        per_class[record.get("class", record.get("wnid", "?"))][record["outcome"]] += 1
+    outcomes = sorted({o for c in per_class.values() for o in c}, key=lambda o: (o != "ok", o))
+    totals = Counter()
+    for counts in per_class.values():
+        totals.update(counts)
+    figure, axes = plt.subplots(figsize=(8, 3.5))
+    axes.bar(outcomes, [totals[o] for o in outcomes],
+             color=["tab:green" if o == "ok" else "tab:red" for o in outcomes])
+    axes.set(ylabel="URLs", title=f"gather outcomes ({sum(totals.values())} URLs)")
+    axes.tick_params(axis="x", rotation=45)
+    figure.tight_layout()
+    rows = [["class", *outcomes]] + [[klass, *(str(per_class[klass][o]) for o in outcomes)]
+                                     for klass in sorted(per_class)]
+    return ("<h2>Download: kept and dropped</h2>" + _table(rows)
+            + _save_figure(figure, "What happened to every URL", "gather.png", out))
+
+
+def _mean_png(config: dict[str, Any]) -> Path | None:
+    mean = str(config.get("mean", ""))
+    if mean.endswith(".npy") and Path(mean).with_suffix(".png").exists():
+        return Path(mean).with_suffix(".png")
+    return None
+
+
+def _evaluation_sections(run: RunInfo, out: Path) -> list[str]:
+    from pipeline.evaluate import evaluate_checkpoint, predict
+
+    val = run.config.get("val")
+    best = run.folder / "best.pt"
+    if not val or not best.exists():
+        return []
+    result = evaluate_checkpoint(best, Path(val), out / "eval-val", workers=0)
+    sections = [f"<h2>Evaluation of best.pt on {html.escape(str(val))}</h2>"
+                f"<p>{result.count} images: top-1 {result.top1:.1%}, top-5 {result.top5:.1%}, "
+                f"loss {result.loss:.3f}</p>",
+                _figure("Confusion matrix", out / "eval-val" / "confusion.png", "", out)]
+    manifest = read_manifest(Path(val)) if Path(val).suffix not in (".h5", ".hdf5") else None
+    if manifest is None:
+        return sections
+    wnids = [c.wnid for c in read_labels(Path(val).parent)]
+    paths = [manifest.absolute(i) for i in range(min(len(manifest), MAX_PREDICTED))]
+    predictions = predict(best, paths, top_k=1)
+    wrong = [(path, prediction) for path, prediction, label in zip(
+        paths, predictions, manifest.labels, strict=False)
+        if prediction.top and prediction.top[0][1] != wnids[label]][:MAX_MISCLASSIFIED]
+    if wrong:
+        sections.append(_misclassified(wrong, out))
+    return sections
+
+
+def _misclassified(wrong: list[tuple[Path, Any]], out: Path) -> str:
+    from matplotlib import pyplot as plt
+
+    columns = 6
+    rows = -(-len(wrong) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9),
+                                squeeze=False)
+    for axes in grid.flat:
+        axes.axis("off")
+    for axes, (path, prediction) in zip(grid.flat, wrong, strict=False):
+        _show(axes, path)
+        probability, wnid, name = prediction.top[0]
+        axes.set_title(f"{path.parent.name}\n→ {name.split(',')[0][:14]} {probability:.0%}",
+                       fontsize=7)
+    figure.tight_layout()
+    return _save_figure(figure, "Misclassified validation images (true class → predicted)",
+                        "misclassified.png", out)
+
+
+def _show(axes: Any, path: Path) -> None:
+    try:
+        axes.imshow(load_square(path, 64))
+    except (ImageDecodeError, OSError):
+        axes.text(0.5, 0.5, "unreadable", ha="center", fontsize=7)
+
+
+def _save_figure(figure: Any, caption: str, name: str, out: Path) -> str:
+    from matplotlib import pyplot as plt
+
+    with atomic_open(out / name) as handle:
+        figure.savefig(handle, format="png", dpi=90)
+    plt.close(figure)
+    return _figure(caption, out / name, "", out)
+
+
+def _figure(caption: str, path: Path, copy_as: str, out: Path) -> str:
+    data = path.read_bytes()
+    if copy_as:
+        with atomic_open(out / copy_as) as handle:
+            handle.write(data)
+    encoded = base64.b64encode(data).decode("ascii")
+    return (f"<figure><img src='data:image/png;base64,{encoded}' alt='{html.escape(caption)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+                   for row in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _page(title: str, sections: list[str]) -> str:
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+             "padding:3px 8px;text-align:right}th{background:#f0f0f0}"
+             "figure{margin:1em 0}img{max-width:100%}figcaption{color:#666;font-size:90%}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+            + "\n".join(sections) + "</body></html>\n")
