@@ -342,15 +342,19 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for report.html and its PNGs.  [default: RUN_DIR]")
 @click.option("--title", help="Page title.")
-def report(run_dir: Path, compare: tuple[Path, ...], out: Path | None,
-           title: str | None) -> None:
+@click.option("--mean-image", type=EXISTING_FILE,
+              help="The mean.png of `pipeline mean` to show.  [default: the run's --mean]")
+def report(run_dir: Path, compare: tuple[Path, ...], out: Path | None, title: str | None,
+           mean_image: Path | None) -> None:
     """Write RUN_DIR/report.html: curves, confusion matrix, mean image, samples, gather outcomes.
 
     Self-contained (images embedded); each figure is also saved as a PNG beside it.
     """
     from pipeline.report import build_report
 
-    click.echo(f"wrote {build_report(run_dir, compare=list(compare), out=out, title=title)}")
+    page = build_report(run_dir, compare=list(compare), out=out, title=title,
+                        mean_image=mean_image)
+    click.echo(f"wrote {page}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,6 +45,8 @@ def pack(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
     temp = out.with_name(f".{out.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
         result = _write(manifest, classes, temp, size, workers)
+        with h5py.File(temp, "a") as h5:
+            h5.attrs["manifest"] = str(Path(manifest_path).resolve())
         os.replace(temp, out)
     finally:
         temp.unlink(missing_ok=True)

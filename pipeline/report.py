@@ -62,7 +62,8 @@ def read_run(folder: Path) -> RunInfo:
 
 
 def build_report(run_dir: Path, *, compare: list[Path] | None = None,
-                 out: Path | None = None, title: str | None = None) -> Path:
+                 out: Path | None = None, title: str | None = None,
+                 mean_image: Path | None = None) -> Path:
     """Write OUT/report.html plus one PNG per figure; returns the HTML path."""
     import matplotlib
 
@@ -71,7 +72,7 @@ def build_report(run_dir: Path, *, compare: list[Path] | None = None,
     others = [read_run(folder) for folder in compare or []]
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
-    manifest_dir = Path(run.config["train"]).parent
+    manifest_dir = _manifest_dir(Path(run.config["train"]))
     sections = [_summary_section(run, others)]
     sections.append(_curves_section([run, *others], out))
     if (manifest_dir / "labels.txt").exists():
@@ -79,7 +80,7 @@ def build_report(run_dir: Path, *, compare: list[Path] | None = None,
         journal = read_manifest(manifest_dir / "train.txt").root / JOURNAL_NAME
         if journal.exists():
             sections.append(_gather_section(journal, out))
-    mean_png = _mean_png(run.config)
+    mean_png = mean_image or _mean_png(run.config)
     if mean_png is not None:
         sections.append(_figure("Mean image (the training set's, after resize/crop)",
                                 mean_png, "mean.png", out))
@@ -176,6 +177,16 @@ def _gather_section(journal: Path, out: Path) -> str:
             + _save_figure(figure, "What happened to every URL", "gather.png", out))
 
 
+def _manifest_dir(train: Path) -> Path:
+    """The manifests folder behind the training data (a manifest, or a pack that names one)."""
+    if train.suffix.lower() in (".h5", ".hdf5"):
+        import h5py
+
+        with h5py.File(train, "r") as h5:
+            return Path(str(h5.attrs.get("manifest", train))).parent
+    return train.parent
+
+
 def _mean_png(config: dict[str, Any]) -> Path | None:
     mean = str(config.get("mean", ""))
     if mean.endswith(".npy") and Path(mean).with_suffix(".png").exists():
@@ -190,11 +201,16 @@ def _evaluation_sections(run: RunInfo, out: Path) -> list[str]:
     best = run.folder / "best.pt"
     if not val or not best.exists():
         return []
-    result = evaluate_checkpoint(best, Path(val), out / "eval-val", workers=0)
+    evaluation = out / "eval-val"
+    fresh = (evaluation / "eval.json").exists() and (
+        (evaluation / "eval.json").stat().st_mtime >= best.stat().st_mtime)
+    if not fresh:
+        evaluate_checkpoint(best, Path(val), evaluation, workers=0)
+    result = json.loads((evaluation / "eval.json").read_text(encoding="utf-8"))
     sections = [f"<h2>Evaluation of best.pt on {html.escape(str(val))}</h2>"
-                f"<p>{result.count} images: top-1 {result.top1:.1%}, top-5 {result.top5:.1%}, "
-                f"loss {result.loss:.3f}</p>",
-                _figure("Confusion matrix", out / "eval-val" / "confusion.png", "", out)]
+                f"<p>{result['images']} images: top-1 {result['top1']:.1%}, "
+                f"top-5 {result['top5']:.1%}, loss {result['loss']:.3f}</p>",
+                _figure("Confusion matrix", evaluation / "confusion.png", "", out)]
     manifest = read_manifest(Path(val)) if Path(val).suffix not in (".h5", ".hdf5") else None
     if manifest is None:
         return sections
