@@ -15,6 +15,7 @@ WEIGHTS   ?= imagenet#             imagenet, none, or a .pt/.pth file
 FREEZE    ?= conv4#                freeze this layer and all below it (none = train all)
 EPOCHS    ?= 10#                   training epochs
 LIMIT     ?=#                      exactly this many good images per synset (optional)
+VAL_RATIO ?= 0.1#                  share of each class held out for validation
 RUN       ?= $(ARCH)-$(FREEZE)#    run name: results go to $(RUNS)/$(RUN)/
 DATA      ?= data#                 downloaded and derived data
 MANIFESTS ?= manifests#            train/val manifests and the label map
@@ -80,7 +81,7 @@ $(DATA)/.validated: $(DATA)/.gathered
 	touch $@
 
 $(LABELS) &: $(DATA)/.validated
-	$(PIPELINE) label $(RAW) --out $(MANIFESTS) $(if $(strip $(WORDS)),--words $(strip $(WORDS)))
+	$(PIPELINE) label $(RAW) --out $(MANIFESTS) --val-ratio $(strip $(VAL_RATIO)) $(if $(strip $(WORDS)),--words $(strip $(WORDS)))
 
 $(DATA)/mean.npy: $(MANIFESTS)/train.txt
 	$(PIPELINE) mean $< --size $(SIZE) --out $@
