@@ -5,6 +5,7 @@ VENV      ?= .venv
 BIN       := $(VENV)/bin
 PIPELINE  := $(BIN)/pipeline
 STAMP     := $(VENV)/.installed-stamp
+SETUP     ?= $(STAMP)#  what chain targets need first; SETUP= uses an environment as it is
 
 ## Chain variables (override on the command line)
 WNIDS     ?= n02123045 n02123159#  synsets to gather (one class each)
@@ -35,7 +36,7 @@ LABELS := $(MANIFESTS)/train.txt $(MANIFESTS)/val.txt $(MANIFESTS)/labels.txt
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint demo all gather validate label mean pack finetune evaluate \
-        report clean distclean FORCE
+        report clean distclean
 
 help: ## List targets and variables
 	@echo "Targets:"
@@ -64,13 +65,16 @@ demo: setup ## The whole chain offline on the embedded sample, into demo/ (about
 
 all: report ## gather -> validate -> label -> mean -> pack -> finetune -> evaluate -> report
 
-# The wnid list is a file rewritten only when WNIDS changes, so gather re-runs only then.
-$(DATA)/wnids.txt: FORCE
-	@mkdir -p $(@D)
-	@printf '%s\n' $(WNIDS) > $@.tmp
-	@if cmp -s $@.tmp $@; then rm $@.tmp; else mv $@.tmp $@; fi
+# The wnid list is a file rewritten (at parse time) only when WNIDS changes, so gather re-runs
+# only then and an unchanged chain stays up to date for `make -q`.
+CHAIN_GOALS := all gather validate label mean pack finetune evaluate report
+ifneq ($(filter $(CHAIN_GOALS),$(MAKECMDGOALS)),)
+ifneq ($(strip $(file < $(DATA)/wnids.txt)),$(strip $(WNIDS)))
+$(shell mkdir -p $(DATA) && printf '%s\n' $(WNIDS) > $(DATA)/wnids.txt)
+endif
+endif
 
-$(DATA)/.gathered: $(DATA)/wnids.txt $(URLS) | $(STAMP)
+$(DATA)/.gathered: $(DATA)/wnids.txt $(URLS) | $(SETUP)
 	$(PIPELINE) gather --urls $(URLS) --wnids-file $(DATA)/wnids.txt --out $(RAW) \
 	  $(if $(strip $(LIMIT)),--limit $(strip $(LIMIT))) \
 	  $(if $(strip $(WORDS)),--words $(strip $(WORDS))) $(GATHER_ARGS)

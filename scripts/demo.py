@@ -130,4 +130,11 @@ def print_summary(runs: Path, seconds: float) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except subprocess.CalledProcessError as failure:
+        print(f"demo: step failed (exit {failure.returncode}): {' '.join(failure.cmd[4:6])}; "
+              "see the messages above", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
