@@ -60,8 +60,9 @@ test: setup ## Run the test suite, then the linter
 lint: setup ## ruff
 	$(BIN)/ruff check pipeline scripts tests
 
-demo: setup ## The whole chain offline on the embedded sample, into demo/ (about 10 min)
-	$(BIN)/python scripts/demo.py
+demo: setup ## The whole chain offline on the embedded sample, into demo/ (WEIGHTS=imagenet: cached)
+	$(BIN)/python scripts/demo.py \
+	  $(if $(and $(filter command line,$(origin WEIGHTS)),$(filter imagenet,$(WEIGHTS))),--weights imagenet)
 
 all: report ## gather -> validate -> label -> mean -> pack -> finetune -> evaluate -> report
 
