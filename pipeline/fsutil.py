@@ -16,6 +16,16 @@ from typing import IO
 TEMP_SUFFIX = ".part"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; finished outputs get the usual 0666 & ~umask instead.
+FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open a temp file beside `path`; on success it replaces `path`, on error it vanishes."""
@@ -23,6 +33,7 @@ def atomic_open(path: Path, mode: str = "wb", encoding: str | None = None) -> It
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
         os.replace(tmp, path)

@@ -219,3 +219,10 @@ def test_pack_leaves_out_broken_images_and_keeps_labels_aligned(tmp_path, labell
         assert manifest.paths[3] not in paths
         expected = {p: int(lbl) for p, lbl in zip(manifest.paths, manifest.labels, strict=True)}
         assert h5["labels"][:].tolist() == [expected[p] for p in paths]
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path, labelled):
+    compute_mean(labelled, tmp_path / "mean.npy", size=32)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "mean.npy").stat().st_mode & 0o777 == 0o666 & ~mask
