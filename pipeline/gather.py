@@ -48,6 +48,7 @@ PLACEHOLDER_URL_MARKERS = ("photo_unavailable", "photo-unavailable")
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
 DEFAULT_USER_AGENT = f"pipeline/{__version__} (image dataset builder; honours X-Robots-Tag noai)"
 READ_CHUNK = 64 * 1024
+SNIFF_BYTES = 16  # enough for every magic number sniff_extension knows
 
 
 @dataclass(frozen=True)
@@ -309,16 +310,26 @@ async def _read_body(response: aiohttp.ClientResponse, options: GatherOptions) -
     """Stream the body, giving up as soon as it is clearly not an image or too large."""
     chunks: list[bytes] = []
     size = 0
+    sniffed = False
     async for chunk in response.content.iter_chunked(READ_CHUNK):
-        if not chunks and sniff_extension(chunk[:16]) is None:
-            return _Fetched("not_image", final=True, http_status=response.status,
-                            error=f"body is not an image ({response.content_type})")
+        chunks.append(chunk)
         size += len(chunk)
         if size > options.max_bytes:
             return _Fetched("too_large", final=True, http_status=response.status,
                             error=f"body exceeds {options.max_bytes} bytes")
-        chunks.append(chunk)
-    return _Fetched("ok", final=True, http_status=response.status, body=b"".join(chunks))
+        if not sniffed and size >= SNIFF_BYTES:
+            sniffed = True
+            if sniff_extension(b"".join(chunks)[:SNIFF_BYTES]) is None:
+                return _not_image(response)
+    body = b"".join(chunks)
+    if not sniffed and sniff_extension(body) is None:
+        return _not_image(response)
+    return _Fetched("ok", final=True, http_status=response.status, body=body)
+
+
+def _not_image(response: aiohttp.ClientResponse) -> _Fetched:
+    return _Fetched("not_image", final=True, http_status=response.status,
+                    error=f"body is not an image ({response.content_type})")
 
 
 def _parse_retry_after(value: str | None) -> float | None:
