@@ -23,6 +23,11 @@ from pipeline.parallel import default_workers
 log = logging.getLogger("pipeline")
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+WORKERS_OPTION = click.option("--workers", type=click.IntRange(min=1), default=default_workers,
+                              show_default="all cores", help="Decoding processes.")
+SIZE_OPTION = click.option(
+    "--size", type=click.IntRange(min=8), default=256, show_default=True,
+    help="Images are resized (shorter side) and center-cropped to SIZE x SIZE.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -114,8 +119,7 @@ def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Pat
               help="JSON Lines log of every quarantined file.  [default: ROOT/../validate.jsonl]")
 @click.option("--min-size", type=click.IntRange(min=0), default=32, show_default=True,
               help="Images whose shorter side is smaller are quarantined as too_small.")
-@click.option("--workers", type=click.IntRange(min=1), default=default_workers,
-              show_default="all cores", help="Decoding processes.")
+@WORKERS_OPTION
 @click.option("--seconds-per-file", type=click.FloatRange(min=0.1), default=30.0,
               show_default=True, help="A file that takes longer to decode is quarantined.")
 def validate(root: Path, quarantine: Path | None, report: Path | None, min_size: int,
@@ -162,13 +166,11 @@ def label(root: Path, out: Path, val_ratio: float, seed: int, words: Path | None
 @cli.command()
 @click.argument("manifest", default=Path("manifests/train.txt"),
                 type=click.Path(path_type=Path))
-@click.option("--size", type=click.IntRange(min=8), default=256, show_default=True,
-              help="Images are resized (shorter side) and center-cropped to SIZE x SIZE.")
+@SIZE_OPTION
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("data/mean.npy"), show_default=True,
               help="The .npy; .png, .json and .images.txt are written beside it.")
-@click.option("--workers", type=click.IntRange(min=1), default=default_workers,
-              show_default="all cores", help="Decoding processes.")
+@WORKERS_OPTION
 def mean(manifest: Path, size: int, out: Path, workers: int) -> None:
     """Compute the mean image of MANIFEST's images (after training's resize/crop)."""
     from pipeline.mean import compute_mean
@@ -184,12 +186,10 @@ def mean(manifest: Path, size: int, out: Path, workers: int) -> None:
 @cli.command()
 @click.argument("manifest", default=Path("manifests/train.txt"),
                 type=click.Path(path_type=Path))
-@click.option("--size", type=click.IntRange(min=8), default=256, show_default=True,
-              help="Images are resized (shorter side) and center-cropped to SIZE x SIZE.")
+@SIZE_OPTION
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("data/train.h5"), show_default=True, help="The HDF5 file to write.")
-@click.option("--workers", type=click.IntRange(min=1), default=default_workers,
-              show_default="all cores", help="Decoding processes.")
+@WORKERS_OPTION
 def pack(manifest: Path, size: int, out: Path, workers: int) -> None:
     """Pre-decode MANIFEST's images into one HDF5 file (uint8, one image per chunk)."""
     from pipeline.pack import pack as run_pack
