@@ -25,13 +25,14 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
-import make_sample
 from pipeline.checkpoint import Normalization
 from pipeline.data import EpochSampler, make_loader, open_images
 from pipeline.manifest import label
 from pipeline.models import freeze, frozen_layers, layer_table
 from pipeline.pack import pack
 from pipeline.preprocess import InputSpec
+
+import make_sample
 
 CLASSES = 5
 
