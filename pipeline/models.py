@@ -25,6 +25,7 @@ ARCHS = ("alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn
          "vgg19_bn")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SCRATCH_INIT_GAIN = 0.7
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> nn.Mo
     check_arch(arch)
     if weights == "none":
         model = torchvision.models.get_model(arch, weights=None)
+        if arch == "alexnet":
+            he_initialize(model)
     elif weights == "imagenet":
         model = torchvision.models.get_model(arch, weights=None)
         model.load_state_dict(_imagenet_state_dict(arch))
@@ -134,6 +137,20 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> nn.Mo
             raise InputError(f"--weights {weights} does not fit --arch {arch}: {first}") from None
     replace_fc8(model, num_classes)
     return model
+
+
+def he_initialize(model: nn.Module, gain: float = SCRATCH_INIT_GAIN) -> None:
+    """He (fan-in) initialization for training AlexNet from scratch.
+
+    torchvision's AlexNet keeps PyTorch's default init, under which a from-scratch AlexNet
+    barely moves for many epochs (the signal fades through fc6/fc7); torchvision's VGG already
+    uses a He-style init. The 0.7 gain keeps the first steps of plain SGD from diverging.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            module.weight.data.mul_(gain)
+            nn.init.zeros_(module.bias)
 
 
 def replace_fc8(model: nn.Module, num_classes: int) -> None:
