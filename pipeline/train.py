@@ -29,7 +29,15 @@ from pipeline.data import EpochSampler, make_loader, open_images
 from pipeline.errors import InputError
 from pipeline.evaluate import EvalResult, evaluate_loader, make_eval_loader
 from pipeline.fsutil import atomic_write_text
-from pipeline.models import build_model, check_arch, freeze, frozen_layers, layer_table, train_mode
+from pipeline.models import (
+    Layer,
+    build_model,
+    check_arch,
+    freeze,
+    frozen_layers,
+    layer_table,
+    train_mode,
+)
 from pipeline.preprocess import InputSpec
 from pipeline.progress import Progress
 
@@ -141,8 +149,10 @@ class _Trainer:
         self.spec = InputSpec(config.crop, config.resize, config.jitter)
         self.train_images = open_images(config.train, self.spec, train=True, seed=config.seed)
         self.classes = self.train_images.classes
-        self.val_images = (open_images(config.val, self.spec, train=False)
-                           if config.val else None)
+        val_images = open_images(config.val, self.spec, train=False) if config.val else None
+        # Built once: its persistent workers then serve every epoch's validation.
+        self.val_loader = (make_eval_loader(val_images, config.batch_size, config.workers)
+                           if val_images is not None and ranks.is_main else None)
         self.model = build_model(config.arch, len(self.classes), config.weights)
         self.normalization = self._normalization()
         layers = layer_table(self.model, config.arch)
@@ -182,7 +192,7 @@ class _Trainer:
                 return Normalization.from_state(checkpoint.load(Path(weights))["normalization"])
         return Normalization.imagenet()
 
-    def _param_groups(self, layers: list) -> list[dict[str, Any]]:
+    def _param_groups(self, layers: list[Layer]) -> list[dict[str, Any]]:
         """fc8 (new) at --lr; pretrained unfrozen layers at --lr x --lr-mult; no decay on biases."""
         config = self.config
         pretrained_rate = config.lr if config.weights == "none" else config.lr * config.lr_mult
@@ -300,14 +310,13 @@ class _Trainer:
 
     def _validate(self) -> EvalResult | None:
         """Rank 0 evaluates the whole validation set; the others wait for its top-1."""
-        if self.val_images is None:
+        if self.config.val is None:
             return None
         result = None
-        if self.ranks.is_main:
-            loader = make_eval_loader(self.val_images, self.config.batch_size,
-                                      self.config.workers)
-            result = evaluate_loader(self.model, loader, self.normalization, self.ranks.device,
-                                     len(self.classes), self._autocast, label="  validate")
+        if self.val_loader is not None:
+            result = evaluate_loader(self.model, self.val_loader, self.normalization,
+                                     self.ranks.device, len(self.classes), self._autocast,
+                                     label="  validate")
         if self.ranks.world > 1:
             top1 = torch.tensor([result.top1 if result else 0.0])
             dist.broadcast(top1, src=0)
