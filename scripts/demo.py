@@ -29,15 +29,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo"), help="demo folder")
     parser.add_argument("--per-class", type=int, default=300, help="sample images per synset")
-    parser.add_argument("--target-limit", type=int, default=40,
-                        help="good images per target synset (few, as in real fine-tuning)")
-    parser.add_argument("--size", type=int, default=96, help="packed image size")
-    parser.add_argument("--crop", type=int, default=80, help="network input size")
+    parser.add_argument("--target-limit", type=int, default=100,
+                        help="good images gathered per target synset; --target-val of them "
+                             "are held out, so few are left to train on, as in real "
+                             "fine-tuning")
+    parser.add_argument("--target-val", type=float, default=0.6,
+                        help="share of each target synset held out for validation")
+    parser.add_argument("--size", type=int, default=144, help="packed image size")
+    parser.add_argument("--crop", type=int, default=128, help="network input size")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--source-epochs", type=int, default=12)
-    parser.add_argument("--source-lr", type=float, default=0.02)
-    parser.add_argument("--target-epochs", type=int, default=8)
-    parser.add_argument("--target-lr", type=float, default=0.01)
+    parser.add_argument("--source-epochs", type=int, default=16)
+    parser.add_argument("--source-lr", type=float, default=0.005)
+    parser.add_argument("--target-epochs", type=int, default=20)
+    parser.add_argument("--finetune-lr", type=float, default=0.0003,
+                        help="rate of the new fc8; the unfrozen pretrained layers get 10x")
+    parser.add_argument("--scratch-lr", type=float, default=0.005)
     parser.add_argument("--weights", choices=["pretrain", "imagenet"], default="pretrain",
                         help="imagenet: use torchvision's cached ImageNet AlexNet instead of "
                              "pretraining on the source synsets")
@@ -89,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         "URLS": sample / "urls.txt", "WORDS": sample / "words.txt", "RUNS": runs,
         "SIZE": args.size, "CROP": args.crop, "BATCH": args.batch, "ARCH": "alexnet",
         "GATHER_ARGS": f"--placeholder {sample / 'placeholder.png'} --timeout 2 --retries 2",
-        "FINETUNE_ARGS": "--workers 2 --precision bf16 --schedule cosine",
+        "FINETUNE_ARGS": "--workers 2 --schedule cosine",
     }
     source_data = {**common, "DATA": out / "source", "MANIFESTS": out / "source" / "manifests",
                    "WNIDS": " ".join(source)}
     target_data = {**common, "DATA": out / "target", "MANIFESTS": out / "target" / "manifests",
                    "WNIDS": " ".join(target), "LIMIT": args.target_limit,
-                   "VAL_RATIO": 0.25,
-                   "EPOCHS": args.target_epochs, "LR": args.target_lr}
+                   "VAL_RATIO": args.target_val, "EPOCHS": args.target_epochs}
+    finetuned = {**target_data, "RUN": "finetuned", "FREEZE": "conv4", "LR": args.finetune_lr,
+                 "FINETUNE_ARGS": common["FINETUNE_ARGS"] + " --lr-mult 10"}
     with mirror(sample, out / "mirror.log") as base_url:
         make_sample.build_url_list(sample, base_url, sample / "urls.txt")
         if args.weights == "pretrain":
@@ -105,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             base_weights = runs / "source" / "best.pt"
         else:
             base_weights = "imagenet"
-        make("finetune", **target_data, RUN="finetuned", WEIGHTS=base_weights, FREEZE="conv4")
-        make("finetune", **target_data, RUN="scratch", WEIGHTS="none", FREEZE="none")
-        make("report", **target_data, RUN="finetuned", WEIGHTS=base_weights, FREEZE="conv4",
-             COMPARE=runs / "scratch")
+        make("finetune", **finetuned, WEIGHTS=base_weights)
+        make("finetune", **target_data, RUN="scratch", WEIGHTS="none", FREEZE="none",
+             LR=args.scratch_lr)
+        make("report", **finetuned, WEIGHTS=base_weights, COMPARE=runs / "scratch")
     print_summary(runs, time.monotonic() - started)
     return 0
 
