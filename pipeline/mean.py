@@ -1,7 +1,7 @@
 """`pipeline mean`: the per-pixel mean image of a manifest, streamed and in parallel.
 
 Images go through `preprocess.load_square`, the same resize/crop as training; sums are kept in
-float64 per worker chunk and merged, so memory is one image-sized accumulator per worker
+exact integers (int64) per worker chunk and merged, so memory is one image-sized accumulator per worker
 whatever the dataset size.
 """
 
@@ -31,8 +31,8 @@ CHUNK = 64
 class _Sums:
     """Running sums over a chunk of images; adding two gives the sums over both."""
 
-    pixels: np.ndarray  # float64 H x W x 3
-    squares: np.ndarray  # float64 per channel
+    pixels: np.ndarray  # int64 H x W x 3: integer sums are exact and cheaper than floats
+    squares: np.ndarray  # int64 per channel
     count: int
     used: list[str]
     failed: list[tuple[str, str]]
@@ -63,7 +63,7 @@ def compute_mean(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
         raise InputError(f"manifest {manifest_path} lists no images")
     chunks = [(manifest.root, [str(p) for p in manifest.paths[i:i + CHUNK]], size)
               for i in range(0, len(manifest), CHUNK)]
-    total = _Sums(np.zeros((size, size, 3)), np.zeros(3), 0, [], [])
+    total = _empty_sums(size)
     progress = Progress("mean", total=len(manifest))
     for sums in imap(_sum_chunk, chunks, workers, chunksize=1, ordered=True):
         total.add(sums)
@@ -76,25 +76,32 @@ def compute_mean(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
 
 def _sum_chunk(job: tuple[Path, list[str], int]) -> _Sums:
     root, paths, size = job
-    sums = _Sums(np.zeros((size, size, 3)), np.zeros(3), 0, [], [])
+    sums = _empty_sums(size)
     for relative in paths:
         try:
-            pixels = load_square(root / relative, size).astype(np.float64)
+            pixels = load_square(root / relative, size)
         except (ImageDecodeError, OSError) as exc:
             sums.failed.append((relative, str(exc)))
             continue
-        sums.pixels += pixels
-        sums.squares += np.einsum("hwc,hwc->c", pixels, pixels)
+        np.add(sums.pixels, pixels, out=sums.pixels, casting="unsafe")
+        squares = pixels.astype(np.uint16)
+        squares *= squares  # 255**2 fits in 16 bits
+        sums.squares += squares.reshape(-1, 3).sum(axis=0, dtype=np.int64)
         sums.count += 1
         sums.used.append(relative)
     return sums
 
 
+def _empty_sums(size: int) -> _Sums:
+    return _Sums(np.zeros((size, size, 3), np.int64), np.zeros(3, np.int64), 0, [], [])
+
+
 def _save(total: _Sums, out: Path, size: int) -> MeanResult:
-    mean = total.pixels / total.count
+    mean = total.pixels.astype(np.float64) / total.count
     channel_mean = mean.mean(axis=(0, 1))
     n_values = total.count * size * size
-    channel_std = np.sqrt(np.maximum(total.squares / n_values - channel_mean**2, 0.0))
+    channel_std = np.sqrt(np.maximum(total.squares.astype(np.float64) / n_values
+                                     - channel_mean**2, 0.0))
     npy, png, meta, used = (out.with_suffix(s) for s in (".npy", ".png", ".json", ".images.txt"))
     with atomic_open(npy) as handle:
         np.save(handle, mean.astype(np.float32))

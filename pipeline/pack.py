@@ -24,6 +24,7 @@ from pipeline.preprocess import DEFAULT_SIZE, load_square
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
+CHUNK = 32
 PREPROCESSING = "decode_image -> shorter side to size (bilinear) -> center crop size x size"
 
 
@@ -58,42 +59,49 @@ def pack(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
 
 def _write(manifest: Manifest, classes: list[LabelClass], temp: Path, size: int,
            workers: int) -> PackResult:
+    """Workers decode whole chunks and return them stacked: one pickle and one HDF5 write
+    per chunk instead of per image, which is what kept pack from beating a plain loop."""
     count = len(manifest)
     result = PackResult(temp, 0)
-    jobs = ((manifest.root / str(p), size) for p in manifest.paths)
+    jobs = [([str(manifest.root / str(p)) for p in manifest.paths[i:i + CHUNK]], size)
+            for i in range(0, count, CHUNK)]
+    kept: list[int] = []
     progress = Progress("pack", total=count)
     with h5py.File(temp, "w") as h5:
         images = h5.create_dataset("images", (count, size, size, 3), dtype=np.uint8,
                                    chunks=(1, size, size, 3), maxshape=(None, size, size, 3))
-        labels = h5.create_dataset("labels", (count,), dtype=np.int64, maxshape=(None,))
-        paths = h5.create_dataset("paths", (count,), dtype=h5py.string_dtype("utf-8"),
-                                  maxshape=(None,))
-        for index, (pixels, error) in enumerate(imap(_load, jobs, workers, chunksize=8)):
-            relative = str(manifest.paths[index])
-            if error is not None:
-                result.failed.append((relative, error))
-                progress.update(count="failed")
-                continue
-            row = result.count
-            images[row] = pixels
-            labels[row] = manifest.labels[index]
-            paths[row] = relative
-            result.count += 1
-            progress.update(count="ok")
-        for dataset in (images, labels, paths):
-            dataset.resize(result.count, axis=0)
+        for start, (pixels, errors) in zip(range(0, count, CHUNK),
+                                           imap(_load_chunk, jobs, workers, chunksize=1),
+                                           strict=True):
+            images[len(kept):len(kept) + len(pixels)] = pixels
+            for offset in range(min(CHUNK, count - start)):
+                if offset in errors:
+                    result.failed.append((str(manifest.paths[start + offset]), errors[offset]))
+                else:
+                    kept.append(start + offset)
+            progress.update(min(CHUNK, count - start))
+        images.resize(len(kept), axis=0)
+        h5.create_dataset("labels", data=manifest.labels[kept].astype(np.int64))
+        h5.create_dataset("paths", data=[str(p) for p in manifest.paths[kept]],
+                          dtype=h5py.string_dtype("utf-8"))
         h5.attrs.update({
             "size": size, "channels": "RGB", "layout": "NHWC uint8",
             "preprocessing": PREPROCESSING, "root": str(manifest.root),
             "label_wnids": [c.wnid for c in classes], "label_names": [c.name for c in classes],
         })
     progress.close()
+    result.count = len(kept)
     return result
 
 
-def _load(job: tuple[Path, int]) -> tuple[np.ndarray | None, str | None]:
-    path, size = job
-    try:
-        return load_square(path, size), None
-    except (ImageDecodeError, OSError) as exc:
-        return None, str(exc)
+def _load_chunk(job: tuple[list[str], int]) -> tuple[np.ndarray, dict[int, str]]:
+    """The chunk's good images stacked in order, and the errors by position in the chunk."""
+    paths, size = job
+    pixels, errors = [], {}
+    for offset, path in enumerate(paths):
+        try:
+            pixels.append(load_square(path, size))
+        except (ImageDecodeError, OSError) as exc:
+            errors[offset] = str(exc)
+    stacked = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+    return stacked, errors
