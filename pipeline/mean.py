@@ -1,8 +1,8 @@
 """`pipeline mean`: the per-pixel mean image of a manifest, streamed and in parallel.
 
-Images go through `preprocess.load_square`, the same resize/crop as training; sums are kept in
-exact integers (int64) per worker chunk and merged, so memory is one image-sized accumulator per worker
-whatever the dataset size.
+Images go through `preprocess.load_square`, the same resize/crop as training; sums are kept as
+exact integers (int64) per worker chunk and merged, so memory is one image-sized accumulator
+per worker whatever the dataset size.
 """
 
 from __future__ import annotations
