@@ -65,7 +65,7 @@ def compute_mean(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
               for i in range(0, len(manifest), CHUNK)]
     total = _empty_sums(size)
     progress = Progress("mean", total=len(manifest))
-    for sums in imap(_sum_chunk, chunks, workers, chunksize=1, ordered=True):
+    for sums in imap(_sum_chunk, chunks, workers, chunksize=1):
         total.add(sums)
         progress.update(sums.count + len(sums.failed))
     progress.close()
