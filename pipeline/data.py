@@ -183,8 +183,7 @@ def collate(samples: list[tuple[torch.Tensor, int] | str]) -> Batch:
 
 
 def make_loader(images: _ImageSource, sampler: EpochSampler, *, batch_size: int,
-                workers: int, drop_last: bool = False) -> DataLoader:
+                workers: int) -> DataLoader:
     return DataLoader(images, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                      drop_last=drop_last)
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None)

@@ -74,7 +74,6 @@ class GatherOptions:
 
 @dataclass
 class GatherReport:
-    attempted: int = 0
     skipped: int = 0
     this_run: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     overall: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
@@ -415,7 +414,6 @@ class _Collector:
         if fetched.body is not None:
             await self._check_and_write(entry, fetched.body, record, existing)
         self.journal.write(record)
-        self.report.attempted += existing is None
         self.report.this_run[entry.klass][record["outcome"]] += 1
         kept = record["outcome"] == "ok"
         self.ok_counts[entry.klass] += kept
