@@ -51,7 +51,8 @@ def prepare(workdir: Path, per_class: int) -> Path:
 
 
 def time_loader(loader: torch.utils.data.DataLoader, batches: int) -> float:
-    """Images per second over `batches` batches, after one warm-up batch."""
+    """Images per second over `batches` batches (at most one epoch), after a warm-up batch."""
+    batches = min(batches, len(loader) - 1)
     iterator = iter(loader)
     next(iterator)
     started, images = time.perf_counter(), 0
