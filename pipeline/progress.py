@@ -26,7 +26,8 @@ class Progress:
         self._tty = self._stream.isatty()
         self._interval = redraw_every if self._tty else log_every
         self._start = time.monotonic()
-        self._last_draw = 0.0
+        # A log gets its first line after `log_every` seconds (short stages: just the last).
+        self._last_draw = 0.0 if self._tty else self._start
 
     def update(self, n: int = 1, count: str | None = None) -> None:
         self.done += n
