@@ -38,9 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=144, help="packed image size")
     parser.add_argument("--crop", type=int, default=128, help="network input size")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--source-epochs", type=int, default=16)
+    parser.add_argument("--source-epochs", type=int, default=14)
     parser.add_argument("--source-lr", type=float, default=0.005)
-    parser.add_argument("--target-epochs", type=int, default=20)
+    parser.add_argument("--target-epochs", type=int, default=12)
     parser.add_argument("--finetune-lr", type=float, default=0.0003,
                         help="rate of the new fc8; the unfrozen pretrained layers get 10x")
     parser.add_argument("--scratch-lr", type=float, default=0.005)
