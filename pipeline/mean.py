@@ -24,7 +24,7 @@ from pipeline.preprocess import DEFAULT_SIZE, load_square
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
-CHUNK = 64
+CHUNK = 64  # at most 257: a chunk's pixel sums are kept in 16 bits (257 * 255 < 2**16)
 
 
 @dataclass
@@ -77,19 +77,27 @@ def compute_mean(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
 def _sum_chunk(job: tuple[Path, list[str], int]) -> _Sums:
     root, paths, size = job
     sums = _empty_sums(size)
+    pixel_sums = np.zeros((size, size, 3), np.uint16)  # 4x less memory traffic than int64
     for relative in paths:
         try:
             pixels = load_square(root / relative, size)
         except (ImageDecodeError, OSError) as exc:
             sums.failed.append((relative, str(exc)))
             continue
-        np.add(sums.pixels, pixels, out=sums.pixels, casting="unsafe")
-        squares = pixels.astype(np.uint16)
-        squares *= squares  # 255**2 fits in 16 bits
-        sums.squares += squares.reshape(-1, 3).sum(axis=0, dtype=np.int64)
+        np.add(pixel_sums, pixels, out=pixel_sums)
+        sums.squares += _channel_squares(pixels)
         sums.count += 1
         sums.used.append(relative)
+    sums.pixels += pixel_sums
     return sums
+
+
+def _channel_squares(pixels: np.ndarray) -> np.ndarray:
+    """Per-channel sums of squared values, exact. Channel-major first: summing the
+    interleaved H x W x 3 layout along its last axis was 6x slower than decoding the image."""
+    channels = np.ascontiguousarray(pixels.reshape(-1, 3).T, dtype=np.uint16)
+    channels *= channels  # 255**2 fits in 16 bits
+    return channels.sum(axis=1, dtype=np.int64)
 
 
 def _empty_sums(size: int) -> _Sums:

@@ -71,6 +71,8 @@ def _scale_shorter_side(image: Image.Image, side: int) -> Image.Image:
 
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    if image.size == (size, size):
+        return image
     left = (image.size[0] - size) // 2
     top = (image.size[1] - size) // 2
     return image.crop((left, top, left + size, top + size))

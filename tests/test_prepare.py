@@ -209,16 +209,26 @@ def test_pack_round_trips_pixels_labels_and_paths(tmp_path, labelled, workers):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
 
 
-def test_pack_leaves_out_broken_images_and_keeps_labels_aligned(tmp_path, labelled):
-    manifest = read_manifest(labelled)
-    manifest.absolute(3).write_bytes(b"junk")
-    result = pack(labelled, tmp_path / "t.h5", size=32, workers=2)
-    assert result.count == len(manifest) - 1 and result.failed[0][0] == manifest.paths[3]
+def test_pack_leaves_out_broken_images_and_keeps_every_row_aligned(tmp_path):
+    """Enough images that the workers' shared buffers are reused many times over, with broken
+    files spread through them: every row must still hold its own path's pixels and label."""
+    make_dataset(tmp_path / "raw", classes=3, per_class=70)
+    label(tmp_path / "raw", tmp_path / "manifests", val_ratio=0)
+    manifest_path = tmp_path / "manifests" / "train.txt"
+    manifest = read_manifest(manifest_path)
+    broken = {3, 16, 17, 100, len(manifest) - 1}
+    for index in broken:
+        manifest.absolute(index).write_bytes(b"junk")
+    result = pack(manifest_path, tmp_path / "t.h5", size=24, workers=2)
+    assert result.count == len(manifest) - len(broken)
+    assert sorted(path for path, _ in result.failed) == sorted(manifest.paths[i] for i in broken)
+    kept = [i for i in range(len(manifest)) if i not in broken]
     with h5py.File(tmp_path / "t.h5", "r") as h5:
-        paths = [p.decode() for p in h5["paths"][:]]
-        assert manifest.paths[3] not in paths
-        expected = {p: int(lbl) for p, lbl in zip(manifest.paths, manifest.labels, strict=True)}
-        assert h5["labels"][:].tolist() == [expected[p] for p in paths]
+        assert [p.decode() for p in h5["paths"][:]] == manifest.paths[kept].tolist()
+        assert h5["labels"][:].tolist() == manifest.labels[kept].tolist()
+        images = h5["images"][:]
+    for row, index in enumerate(kept):
+        np.testing.assert_array_equal(images[row], load_square(manifest.absolute(index), 24))
 
 
 def test_outputs_get_ordinary_file_permissions(tmp_path, labelled):
