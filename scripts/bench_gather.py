@@ -72,6 +72,7 @@ FILTER_TARGET_MB = 200
 FILTER_REPEAT = 3
 SAMPLE_SECONDS = 0.05
 SERVER_START_SECONDS = 30.0
+INODE_SETTLE_SECONDS = 65  # see clear_outputs
 
 
 # --------------------------------------------------------------------------- measuring
@@ -303,10 +304,31 @@ def write_lists(sample: Path, wnid: str, base_url: str, workdir: Path,
 
 
 def fresh_output(out: Path) -> None:
-    """Empty `out`, then flush every dirty page (the last run wrote ~16,000 files), so no
-    writeback from an earlier command lands in the timed one."""
-    shutil.rmtree(out, ignore_errors=True)
+    """A new, empty `out`, and every dirty page flushed, so no writeback from an earlier command
+    lands in the timed one. Never emptied by deleting: see `clear_outputs`."""
+    if out.exists():
+        raise FileExistsError(f"{out} exists; outputs are deleted only by clear_outputs")
+    out.mkdir(parents=True)
     os.sync()
+
+
+def clear_outputs(runs_dir: Path, settle: bool) -> None:
+    """Delete earlier runs' outputs, only ever outside the timed runs.
+
+    ext4 without a journal (as on this VM) skips inodes freed in the last 60 s when it allocates
+    new ones, scanning the inode table: right after deleting 10,000+ files, creating files
+    costs seconds of system time (perf: `recently_deleted`, and `rwsem_spin_on_owner` in
+    rename/open as writers queue on the directory lock). So each run writes to a new folder,
+    all are deleted at the end, and leftovers found at start-up are deleted, then waited out.
+    """
+    if not runs_dir.exists():
+        return
+    shutil.rmtree(runs_dir)
+    os.sync()
+    if settle:
+        print(f"deleted old outputs; waiting {INODE_SETTLE_SECONDS} s for ext4 to allow "
+              "reuse of their inodes ...", flush=True)
+        time.sleep(INODE_SETTLE_SECONDS)
 
 
 def run_ours(urls: Path, wnid: str, out: Path, mirror: Mirror, log: Path) -> ClientResult:
@@ -563,6 +585,7 @@ def bench_clients(args: argparse.Namespace, workdir: Path,
     """Both clients against one mirror process, one after the other, alternating who goes first
     on each repetition so neither always meets a warmer (or more tired) server."""
     exe = None if args.skip_img2dataset else ensure_img2dataset(args.img2dataset_venv)
+    clear_outputs(workdir / "runs", settle=True)
     sample = workdir / "sample"
     wnid = make_sample(sample, classes=1, per_class=SAMPLE_FILES, workers=2)[0]
     # Generous: every run of both clients at a crawling 20 URLs/s, after the longest wait for
@@ -577,12 +600,11 @@ def bench_clients(args: argparse.Namespace, workdir: Path,
                 if client == "img2dataset" and exe is None:
                     continue
                 wait_for_quiet(quiet.max_other, quiet.max_wait, mirror.process.pid)
+                out = workdir / "runs" / f"{client}-{rep + 1}"
                 if client == "ours":
-                    result = run_ours(ours_list, wnid, workdir / "out-ours", mirror,
-                                      workdir / "ours.log")
+                    result = run_ours(ours_list, wnid, out, mirror, workdir / "ours.log")
                 else:
-                    result = run_img2dataset(exe, plain_list, workdir / "out-img2dataset",
-                                             args.shard_size, mirror,
+                    result = run_img2dataset(exe, plain_list, out, args.shard_size, mirror,
                                              workdir / "img2dataset.log")
                 results[client].append(result)
                 print(f"  run {rep + 1} {result.name}: {result.good_per_second:.0f} good img/s, "
@@ -602,6 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet = Quiet(args.max_other_load, args.quiet_wait)
     print(header(args, workdir), flush=True)
     runs = bench_clients(args, workdir, quiet)
+    clear_outputs(workdir / "runs", settle=False)
     chosen = [median_run(client_runs) for client_runs in runs.values()]
     print()
     print(client_table(chosen))
