@@ -25,7 +25,7 @@ from pipeline.preprocess import DEFAULT_SIZE, load_square
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
-CHUNK = 16
+CHUNK = 32
 PREPROCESSING = "decode_image -> shorter side to size (bilinear) -> center crop size x size"
 
 
@@ -80,7 +80,8 @@ def _write(manifest: Manifest, classes: list[LabelClass], temp: Path, size: int,
                        initializer=_attach_ring, initargs=(buffers,))
         for start, (slot, _), (good, errors) in zip(range(0, count, CHUNK), jobs, decoded,
                                                     strict=True):
-            images[len(kept):len(kept) + good] = buffers[slot, :good]
+            for row in range(good):  # one image is one unfiltered chunk: raw bytes, no cache
+                images.id.write_direct_chunk((len(kept) + row, 0, 0, 0), buffers[slot, row])
             for offset in range(min(CHUNK, count - start)):
                 if offset in errors:
                     result.failed.append((str(manifest.paths[start + offset]), errors[offset]))
