@@ -1,7 +1,7 @@
 """`pipeline pack`: pre-decode a manifest into one HDF5 file for fast training input.
 
 Decoding JPEGs is the usual bottleneck of a CPU data loader; packing does it once. Images are
-stored resized/cropped (the same `load_square` as mean) as uint8, one image per HDF5 chunk, so
+stored resized/cropped (the same `square_image` as mean) as uint8, one image per HDF5 chunk, so
 the loader reads any image with a single chunk read.
 """
 

@@ -1,7 +1,7 @@
 """The one place that turns a decoded image into a fixed-size network input.
 
-mean and pack call `load_square`; the training loader, evaluate and predict use `InputSpec`;
-both scale the shorter side and crop the same way, so the mean image is computed over exactly
+mean and pack call `square_image`; the training loader, evaluate and predict use `InputSpec`; both
+scale the shorter side and crop the same way, so the mean image is computed over exactly
 the pixels the network sees (DESIGN.md: "after the same resize/crop that training uses").
 """
 
@@ -24,10 +24,14 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return _center_crop(_scale_shorter_side(image, size), size)
 
 
+def square_image(path: str | Path, size: int = DEFAULT_SIZE) -> Image.Image:
+    """Decode `path` (at reduced JPEG scale when possible) into a size x size RGB image."""
+    return resize_center_crop(decode_image(path, min_side=size), size)
+
+
 def load_square(path: str | Path, size: int = DEFAULT_SIZE) -> np.ndarray:
-    """Decode `path` (at reduced JPEG scale when possible) into a size x size x 3 uint8 array."""
-    image = decode_image(path, min_side=size)
-    return np.asarray(resize_center_crop(image, size), dtype=np.uint8)
+    """`square_image` as a size x size x 3 uint8 array."""
+    return np.asarray(square_image(path, size), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
