@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import make_sample
 
 ROOT = Path(__file__).resolve().parent.parent
+MIRROR_PORT = 8765
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,13 +52,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def mirror_port() -> int:
+    """MIRROR_PORT when it is free, else any free port. A fixed port keeps the URL list (and
+    so the whole chain) unchanged between two `make demo`s; the second then redoes nothing."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", MIRROR_PORT))
+        except OSError:
+            return 0
+    return MIRROR_PORT
+
+
 @contextmanager
 def mirror(sample: Path, log_path: Path) -> Iterator[str]:
     """The sample mirror in its own process; always stopped on the way out."""
     log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "serve_sample.py"), "--root", str(sample),
-         "--port", "0", "--latency", "0.01", "--max-seconds", "1800"],
+         "--port", str(mirror_port()), "--latency", "0.01", "--max-seconds", "1800"],
         stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = server.stdout.readline().strip() if server.stdout else ""

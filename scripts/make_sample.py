@@ -510,8 +510,15 @@ def build_url_list(sample_dir: Path, base_url: str, out_path: Path, *,
     base = base_url.rstrip("/")
     lines = [f"{entry.id}\t{base}/{entry.path()}" for entry in entries]
     _insert_malformed(lines, malformed, wnids, base)
-    Path(out_path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    _write_if_changed(Path(out_path), "".join(line + "\n" for line in lines))
     return {entry.id: KIND_OUTCOMES.get(entry.kind, "ok") for entry in entries}
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """An unchanged list keeps its mtime, so a Makefile chain fed by it has nothing to redo."""
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    path.write_text(text, encoding="utf-8")
 
 
 def _check_mix(mix: dict[str, float]) -> None:

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from pipeline.urllist import (
     safe_file_stem,
     select_urls,
 )
+
+import make_sample
 
 
 def write(path: Path, text: str) -> Path:
@@ -78,3 +81,13 @@ def test_words_file_malformed_line_names_file_and_line(tmp_path):
     with pytest.raises(InputError, match=r"words.txt:2"):
         read_words(words)
     assert read_words(write(tmp_path / "ok.txt", "n1\tcat, tabby\n")) == {"n1": "cat, tabby"}
+
+
+def test_an_unchanged_url_list_keeps_its_mtime_so_make_redoes_nothing(sample, tmp_path):
+    urls = tmp_path / "urls.txt"
+    make_sample.build_url_list(sample, "http://127.0.0.1:8765", urls)
+    os.utime(urls, (1_000_000_000, 1_000_000_000))
+    make_sample.build_url_list(sample, "http://127.0.0.1:8765", urls)
+    assert urls.stat().st_mtime == 1_000_000_000
+    make_sample.build_url_list(sample, "http://127.0.0.1:9999", urls)
+    assert urls.stat().st_mtime != 1_000_000_000 and ":9999/" in urls.read_text()
