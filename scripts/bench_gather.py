@@ -32,14 +32,12 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -50,6 +48,8 @@ SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
 
+import benchlib  # noqa: E402
+from benchlib import Quiet, Run  # noqa: E402
 from make_sample import build_url_list, make_sample  # noqa: E402
 
 I2D_VERSION = "1.47.0"
@@ -70,160 +70,12 @@ FILTER_PER_SYNSET = 1000
 FILTER_TARGET_LPS = 1_000_000
 FILTER_TARGET_MB = 200
 FILTER_REPEAT = 3
-SAMPLE_SECONDS = 0.05
 SERVER_START_SECONDS = 30.0
 INODE_SETTLE_SECONDS = 65  # see clear_outputs
 
 
 # --------------------------------------------------------------------------- measuring
-
-# Between us and each measured command: wait4's ru_maxrss covers the pre-exec image too, and
-# this script (numpy and PIL loaded by make_sample) is bigger than `python -S`. It also times
-# spawn-to-exit.
-LAUNCHER = """
-import json, os, sys, time
-start = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as out:
-    json.dump({"seconds": time.perf_counter() - start, "maxrss_kb": usage.ru_maxrss,
-               "cpu": usage.ru_utime + usage.ru_stime,
-               "code": os.waitstatus_to_exitcode(status)}, out)
-"""
-
-
-def _process_tree(root_pid: int) -> list[int]:
-    """root_pid and all its descendants, from /proc/*/stat parent ids."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
-    tree, frontier = [], [root_pid]
-    while frontier:
-        pid = frontier.pop()
-        tree.append(pid)
-        frontier.extend(children.get(pid, []))
-    return tree
-
-
-def _pss_kb(pid: int) -> int:
-    """PSS, so pages forked workers share with their parent are not counted twice."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
-            for line in handle:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class TreeSampler(threading.Thread):
-    """Peak summed PSS of the tree below `pid` (the launcher itself left out)."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.peak_kb = 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            total = sum(_pss_kb(pid) for pid in _process_tree(self.pid) if pid != self.pid)
-            self.peak_kb = max(self.peak_kb, total)
-            self._stop_event.wait(SAMPLE_SECONDS)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-
-def cpu_seconds_of(pid: int) -> float:
-    """User + system CPU of a live process (the mirror), to see whether it was the bottleneck."""
-    with open(f"/proc/{pid}/stat", "rb") as handle:
-        fields = handle.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _busy_seconds() -> float:
-    """CPU time spent by everything on this machine (from /proc/stat), to detect noise."""
-    with open("/proc/stat", "rb") as handle:
-        fields = [int(v) for v in handle.readline().split()[1:8]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds(server_pid: int | None) -> float:
-    """This script, every child it has waited for (launchers and below) and the live mirror."""
-    total = cpu_seconds_of(server_pid) if server_pid else 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
-
-
-def wait_for_quiet(max_other: float, max_wait: float, server_pid: int | None,
-                   window: float = 1.0) -> float:
-    """Block until other processes use at most `max_other` of the cores, or time runs out.
-
-    The box may be shared: a stranger's training job on one of 2 cores halves either client.
-    """
-    deadline = time.monotonic() + max_wait
-    while True:
-        busy, own = _busy_seconds(), _own_cpu_seconds(server_pid)
-        time.sleep(window)
-        foreign = (_busy_seconds() - busy) - (_own_cpu_seconds(server_pid) - own)
-        share = max(foreign, 0.0) / (window * (os.cpu_count() or 1))
-        if share <= max_other or time.monotonic() > deadline:
-            return share
-
-
-@dataclass
-class Run:
-    seconds: float
-    cpu_seconds: float
-    max_rss_mb: float
-    peak_pss_mb: float
-    server_cpu_seconds: float = 0.0
-    other_load: float = 0.0  # share of all cores other processes used meanwhile
-
-
-def run_measured(argv: list[str], log: Path, server_pid: int | None = None,
-                 env: dict[str, str] | None = None) -> Run:
-    """Wall time, CPU and exact max RSS of one whole command, plus its tree's peak PSS."""
-    figures = log.with_suffix(".figures.json")
-    figures.unlink(missing_ok=True)
-    server_cpu = cpu_seconds_of(server_pid) if server_pid else 0.0
-    busy, own = _busy_seconds(), _own_cpu_seconds(server_pid)
-    wall = time.perf_counter()
-    with open(log, "wb") as output:
-        output.write(f"$ {' '.join(argv)}\n".encode())
-        output.flush()
-        launcher = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(figures), *argv],
-                                    cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=env)
-        sampler = TreeSampler(launcher.pid)
-        sampler.start()
-        launcher.wait()
-        sampler.stop()
-    wall = time.perf_counter() - wall
-    foreign = (_busy_seconds() - busy) - (_own_cpu_seconds(server_pid) - own)
-    result = json.loads(figures.read_text()) if launcher.returncode == 0 else {"code": -1}
-    if result["code"] != 0:
-        tail = log.read_text(errors="replace").splitlines()[-15:]
-        sys.exit(f"command failed ({result['code']}): {' '.join(argv)}\n" + "\n".join(tail))
-    server_cpu = cpu_seconds_of(server_pid) - server_cpu if server_pid else 0.0
-    return Run(result["seconds"], result["cpu"], result["maxrss_kb"] / 1024,
-               sampler.peak_kb / 1024, server_cpu,
-               max(foreign, 0.0) / (wall * (os.cpu_count() or 1)))
-
+# Whole commands are run and measured by benchlib.run_measured (max RSS, peak PSS, other load).
 
 def percentile(values: list[float], share: float) -> float:
     """Nearest-rank percentile; enough for p50/p95 over thousands of URLs."""
@@ -337,7 +189,7 @@ def run_ours(urls: Path, wnid: str, out: Path, mirror: Mirror, log: Path) -> Cli
     argv = [sys.executable, "-m", "pipeline", "-q", "gather", "--urls", str(urls),
             "--wnid", wnid, "--out", str(out), "--concurrency", str(CONCURRENCY),
             "--per-host", str(CONCURRENCY), "--timeout", str(TIMEOUT), "--retries", "0"]
-    run = run_measured(argv, log, mirror.process.pid)
+    run = benchlib.run_measured(argv, log, cwd=REPO, helper_pid=mirror.process.pid)
     records = [json.loads(line) for line in (out / "gather.jsonl").open(encoding="utf-8")]
     outcomes = Counter(record["outcome"] for record in records)
     return ClientResult("pipeline gather", run, len(records), outcomes["ok"], outcomes,
@@ -370,7 +222,7 @@ def run_img2dataset(exe: Path, urls: Path, out: Path, shard_size: int,
             "--resize_mode", "no", "--output_format", "files",
             "--number_sample_per_shard", str(shard_size)]
     env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    run = run_measured(argv, log, mirror.process.pid, env)
+    run = benchlib.run_measured(argv, log, cwd=REPO, env=env, helper_pid=mirror.process.pid)
     shards = [json.loads(path.read_text()) for path in sorted(out.glob("*_stats.json"))]
     outcomes: Counter[str] = Counter()
     for shard in shards:
@@ -464,7 +316,8 @@ def bench_filter(path: Path, wnids: list[str], log: Path) -> FilterResult:
             pass
     results = []
     for _ in range(FILTER_REPEAT):
-        run = run_measured([sys.executable, "-c", FILTER_CHILD, str(path), *wnids], log)
+        run = benchlib.run_measured([sys.executable, "-c", FILTER_CHILD, str(path), *wnids], log,
+                                   cwd=REPO)
         lines = log.read_text().splitlines()
         figures = json.loads(lines[-1])
         results.append(FilterResult(figures["lines"], figures["selected"],
@@ -478,13 +331,6 @@ def bench_filter(path: Path, wnids: list[str], log: Path) -> FilterResult:
 
 # --------------------------------------------------------------------------- reporting
 
-def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-                     for row in rows)
-
-
 def client_table(results: list[ClientResult]) -> str:
     rows = [["client", "URLs", "good", "seconds", "good img/s", "p50 s/URL", "p95 s/URL",
              "CPU s", "max RSS MB", "peak PSS MB", "server CPU s", "other load"]]
@@ -495,9 +341,9 @@ def client_table(results: list[ClientResult]) -> str:
                      f"{percentile(times, 0.50):.3f}" if times else "n/a",
                      f"{percentile(times, 0.95):.3f}" if times else "n/a",
                      f"{result.run.cpu_seconds:.1f}", f"{result.run.max_rss_mb:.0f}",
-                     f"{result.run.peak_pss_mb:.0f}", f"{result.run.server_cpu_seconds:.1f}",
+                     f"{result.run.peak_pss_mb:.0f}", f"{result.run.helper_cpu_seconds:.1f}",
                      f"{result.run.other_load:.0%}"])
-    return format_table(rows)
+    return benchlib.format_table(rows)
 
 
 def outcome_lines(results: list[ClientResult]) -> Iterator[str]:
@@ -512,7 +358,7 @@ def filter_table(result: FilterResult) -> str:
             ["2 wnids", f"{result.lines:,}", str(result.selected), f"{result.scan_seconds:.2f}",
              f"{result.lines_per_second / 1e6:.2f} M", f"{result.run.seconds:.2f}",
              f"{result.run.max_rss_mb:.0f}", f"{result.run.other_load:.0%}"]]
-    return format_table(rows)
+    return benchlib.format_table(rows)
 
 
 def verdict(met: bool) -> str:
@@ -572,14 +418,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@dataclass(frozen=True)
-class Quiet:
-    """How long to wait for the shared box to calm down before each timed command."""
-
-    max_other: float
-    max_wait: float
-
-
 def bench_clients(args: argparse.Namespace, workdir: Path,
                   quiet: Quiet) -> dict[str, list[ClientResult]]:
     """Both clients against one mirror process, one after the other, alternating who goes first
@@ -599,7 +437,7 @@ def bench_clients(args: argparse.Namespace, workdir: Path,
             for client in order:
                 if client == "img2dataset" and exe is None:
                     continue
-                wait_for_quiet(quiet.max_other, quiet.max_wait, mirror.process.pid)
+                benchlib.wait_for_quiet(quiet, mirror.process.pid)
                 out = workdir / "runs" / f"{client}-{rep + 1}"
                 if client == "ours":
                     result = run_ours(ours_list, wnid, out, mirror, workdir / "ours.log")
@@ -643,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     print("p50/p95 s/URL: ours from the journal's `seconds` (fetch only, checks and write "
           "excluded); img2dataset records no per-URL time (n/a)")
     path, wnids = filter_list(workdir, args.filter_lines)
-    wait_for_quiet(quiet.max_other, quiet.max_wait, None)
+    benchlib.wait_for_quiet(quiet)
     flt = bench_filter(path, wnids, workdir / "filter.log")
     print()
     print(filter_table(flt))
@@ -651,9 +489,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{path.stat().st_size / 2**20:.0f} MiB file; max RSS = largest of the runs")
     worst = max([run.run.other_load for client_runs in runs.values() for run in client_runs]
                 + [flt.run.other_load])
-    if worst > quiet.max_other:
-        print(f"WARNING: other processes took up to {worst:.0%} of the cores during some runs "
-              "(column 'other load'); those figures are disturbed, re-run on a quiet machine")
+    warning = benchlib.disturbed_warning(worst, quiet.max_other)
+    if warning:
+        print(warning)
     print(summary_line(args.urls, ours, anchor, flt))
 
 

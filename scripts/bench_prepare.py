@@ -38,14 +38,11 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +50,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+import benchlib
+from benchlib import Quiet, Run
+
 SIZE = 256
 CLASSES = 10
 JPEG_QUALITY = 90
 NOISE_SIGMA = 10.0
 STAMP_VERSION = 1
-SAMPLE_SECONDS = 0.05
 TARGET_RATIO = 1.5
+# Seconds over which other load is measured before each run (bench_gather: 1 s). Kept at 0.5 s:
+# every one of the many short commands waits at least this long, and a disturbed run is re-run
+# anyway (--attempts).
+QUIET_WINDOW = 0.5
 STAGES = ("validate", "mean", "pack")
 # From the issue, measured on another machine on 2000 such images; NOT measured here.
 CAFFE_REFERENCE = {"mean": ("compute_image_mean (JPEG-encoded LMDB)", 0.92, 2000),
@@ -166,158 +169,7 @@ NAIVE: dict[str, Callable[[Path, Path], None]] = {
 
 
 # --------------------------------------------------------------------------- measuring
-
-def _process_tree(root_pid: int) -> list[int]:
-    """root_pid and all its descendants (this kernel has no /proc/PID/task/TID/children)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
-    tree, frontier = [], [root_pid]
-    while frontier:
-        pid = frontier.pop()
-        tree.append(pid)
-        frontier.extend(children.get(pid, []))
-    return tree
-
-
-def _pss_kb(pid: int) -> int:
-    """Proportional set size: shared pages (forked workers) are split, not double counted."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
-            for line in handle:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class TreeSampler(threading.Thread):
-    """Samples the summed PSS of a process tree below `pid` (the launcher, itself left out).
-
-    The RSS of one process would miss the pool workers; summed RSS would count their shared
-    pages twice.
-    """
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.peak_kb = 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            total = sum(_pss_kb(pid) for pid in _process_tree(self.pid) if pid != self.pid)
-            self.peak_kb = max(self.peak_kb, total)
-            self._stop_event.wait(SAMPLE_SECONDS)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-
-# A tiny launcher between us and the measured command. wait4's ru_maxrss is the peak over the
-# pre-exec image too, and a child spawned straight from this script (numpy and PIL loaded, some
-# 45 MB) would report at least that much; the launcher's own image (python -S, ~10 MB) is smaller
-# than any command measured, so its figure is exact. It also times spawn-to-exit itself.
-LAUNCHER = """
-import json, os, sys, time
-start = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-seconds = time.perf_counter() - start
-with open(sys.argv[1], "w") as out:
-    json.dump({"seconds": seconds, "maxrss_kb": usage.ru_maxrss,
-               "cpu": usage.ru_utime + usage.ru_stime,
-               "code": os.waitstatus_to_exitcode(status)}, out)
-"""
-
-
-def _busy_seconds() -> float:
-    """CPU time spent by everything on this machine (from /proc/stat), to detect noise."""
-    with open("/proc/stat", "rb") as handle:
-        fields = [int(v) for v in handle.readline().split()[1:8]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    """This script's CPU plus that of every child it has waited for (launcher and below)."""
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
-
-
-@dataclass
-class Run:
-    seconds: float
-    cpu_seconds: float
-    max_rss_mb: float
-    peak_pss_mb: float
-    foreign_share: float  # of all cores, used by other processes while this ran
-
-
-def run_timed(argv: list[str], cwd: Path, log: Path) -> Run:
-    """Wall and CPU time and exact peak RSS (via LAUNCHER), sampled peak PSS of the tree.
-
-    Also the share of the machine other processes took meanwhile: on a shared 2-core box a
-    stranger's training job halves our parallel speed-up, and the figures must say so.
-    """
-    figures = log.with_name("last-run.json")
-    figures.unlink(missing_ok=True)
-    busy, own = _busy_seconds(), _own_cpu_seconds()
-    wall = time.perf_counter()
-    with open(log, "ab") as output:
-        output.write(f"$ {' '.join(argv)}\n".encode())
-        output.flush()
-        launcher = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(figures), *argv],
-                                    cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
-        sampler = TreeSampler(launcher.pid)
-        sampler.start()
-        launcher.wait()
-        sampler.stop()
-    wall = time.perf_counter() - wall
-    foreign = (_busy_seconds() - busy) - (_own_cpu_seconds() - own)
-    result = json.loads(figures.read_text()) if launcher.returncode == 0 else {"code": -1}
-    if result["code"] != 0:
-        tail = log.read_text(errors="replace").splitlines()[-15:]
-        sys.exit(f"command failed ({result['code']}): {' '.join(argv)}\n" + "\n".join(tail))
-    share = max(foreign, 0.0) / (wall * (os.cpu_count() or 1))
-    return Run(result["seconds"], result["cpu"], result["maxrss_kb"] / 1024,
-               sampler.peak_kb / 1024, share)
-
-
-@dataclass(frozen=True)
-class Quiet:
-    """How hard to try for runs that no other process on the machine disturbed."""
-
-    max_other: float = 0.10  # share of all cores other processes may use during a run
-    attempts: int = 4
-    wait_seconds: float = 120.0
-
-
-def wait_for_quiet(quiet: Quiet, window: float = 0.5) -> float:
-    """Block until other processes use at most `max_other` of the cores (or time runs out)."""
-    deadline = time.monotonic() + quiet.wait_seconds
-    while True:
-        busy, own = _busy_seconds(), _own_cpu_seconds()
-        time.sleep(window)
-        foreign = (_busy_seconds() - busy) - (_own_cpu_seconds() - own)
-        share = max(foreign, 0.0) / (window * (os.cpu_count() or 1))
-        if share <= quiet.max_other or time.monotonic() > deadline:
-            return share
-
+# Each command is run and measured by benchlib.run_measured (max RSS, peak PSS, other load).
 
 @dataclass
 class Case:
@@ -338,8 +190,8 @@ class Case:
         return statistics.median(run.cpu_seconds for run in self.runs)
 
     @property
-    def foreign_share(self) -> float:
-        return max(run.foreign_share for run in self.runs)
+    def other_load(self) -> float:
+        return max(run.other_load for run in self.runs)
 
     @property
     def max_rss_mb(self) -> float:
@@ -349,18 +201,18 @@ class Case:
     def peak_pss_mb(self) -> float:
         return max(run.peak_pss_mb for run in self.runs)
 
-    def measure(self, cwd: Path, log: Path, quiet: Quiet) -> None:
+    def measure(self, cwd: Path, log: Path, quiet: Quiet, attempts: int) -> None:
         """One run; on a busy machine, wait for quiet and retry, keeping the cleanest run."""
         tries: list[Run] = []
-        for _ in range(quiet.attempts):
+        for _ in range(attempts):
             for path in self.reset:
                 path.unlink(missing_ok=True)
             os.sync()  # the previous command's dirty pages must not be flushed during this one
-            wait_for_quiet(quiet)
-            tries.append(run_timed(self.argv, cwd, log))
-            if tries[-1].foreign_share <= quiet.max_other:
+            benchlib.wait_for_quiet(quiet)
+            tries.append(benchlib.run_measured(self.argv, log, cwd=cwd, append=True))
+            if tries[-1].other_load <= quiet.max_other:
                 break
-        self.runs.append(min(tries, key=lambda run: run.foreign_share))
+        self.runs.append(min(tries, key=lambda run: run.other_load))
 
 
 @dataclass
@@ -412,7 +264,8 @@ def build_cases(data: Dataset, workers: int | None) -> dict[str, Case]:
     }
 
 
-def run_cases(cases: dict[str, Case], data: Dataset, repeat: int, quiet: Quiet) -> None:
+def run_cases(cases: dict[str, Case], data: Dataset, repeat: int, quiet: Quiet,
+              attempts: int) -> None:
     """Alternate which side goes first per repetition so drift does not favour either."""
     log = data.out / "bench.log"
     log.unlink(missing_ok=True)
@@ -420,8 +273,8 @@ def run_cases(cases: dict[str, Case], data: Dataset, repeat: int, quiet: Quiet) 
         for stage in STAGES:
             order = ["ours", "naive"] if rep % 2 == 0 else ["naive", "ours"]
             for impl in order:
-                cases[f"{stage}/{impl}"].measure(data.out, log, quiet)
-        cases["validate/ours-warm"].measure(data.out, log, quiet)
+                cases[f"{stage}/{impl}"].measure(data.out, log, quiet, attempts)
+        cases["validate/ours-warm"].measure(data.out, log, quiet, attempts)
 
 
 def check_outputs(data: Dataset) -> str:
@@ -442,13 +295,6 @@ def check_outputs(data: Dataset) -> str:
 
 # --------------------------------------------------------------------------- reporting
 
-def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) if i >= 2 else cell.ljust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-                     for row in rows)
-
-
 def ratio(cases: dict[str, Case], stage: str, impl: str = "ours") -> float:
     """ours/naive in images/s, i.e. naive seconds over ours."""
     return cases[f"{stage}/naive"].seconds / cases[f"{stage}/{impl}"].seconds
@@ -462,9 +308,9 @@ def results_table(cases: dict[str, Case], count: int) -> str:
         rows.append([case.stage, case.impl, str(count), f"{case.seconds:.2f}",
                      f"{count / case.seconds:.0f}", f"{case.cpu_seconds:.2f}",
                      f"{case.peak_pss_mb:.0f}", f"{case.max_rss_mb:.0f}",
-                     f"{case.foreign_share:.0%}",
+                     f"{case.other_load:.0%}",
                      "" if impl == "naive" else f"{ratio(cases, case.stage, impl):.2f}x"])
-    return format_table(rows)
+    return benchlib.format_table(rows, left=2)
 
 
 def caffe_reference(cases: dict[str, Case], count: int) -> Iterator[str]:
@@ -536,15 +382,16 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
         data = prepare_dataset(workdir, count, args.seed)
         print(f"\nN={count}: {mean_file_kb(data.root):.1f} KB per JPEG", flush=True)
         cases = build_cases(data, args.workers)
-        run_cases(cases, data, args.repeat, Quiet(args.max_other_load, args.attempts))
+        run_cases(cases, data, args.repeat, Quiet(args.max_other_load, window=QUIET_WINDOW),
+                  args.attempts)
         results[count] = cases
         print(results_table(cases, count), flush=True)
         checks.append(check_outputs(data))
     print()
-    worst = max(case.foreign_share for cases in results.values() for case in cases.values())
-    if worst > args.max_other_load:
-        print(f"WARNING: other processes took up to {worst:.0%} of the cores during some runs "
-              "(column 'other load'); those figures are disturbed, re-run on a quiet machine")
+    worst = max(case.other_load for cases in results.values() for case in cases.values())
+    warning = benchlib.disturbed_warning(worst, args.max_other_load)
+    if warning:
+        print(warning)
     print("\n".join(checks))
     reference_size = 2000 if 2000 in results else max(results)
     print("\n".join(caffe_reference(results[reference_size], reference_size)))

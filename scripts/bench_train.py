@@ -5,7 +5,9 @@
 2. Training AlexNet at 224 frozen to conv4: `pipeline finetune` in fp32 and with
    `--precision bf16`, beside a plain PyTorch loop (same model, data, frozen layers, fp32).
 
-Prints images/s, peak RSS and ratios, then a one-line summary. Usage:
+Prints images/s, the memory of each `pipeline finetune` run (benchlib: exact max RSS of its
+largest process, sampled peak PSS of its whole tree with the DataLoader workers) and ratios,
+then a one-line summary. Usage:
     python scripts/bench_train.py [--workdir /tmp/bench-train] [--per-class 200] [--epochs 2]
 """
 
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from pipeline.models import freeze, frozen_layers, layer_table
 from pipeline.pack import pack
 from pipeline.preprocess import InputSpec
 
+import benchlib
 import make_sample
 
 CLASSES = 5
@@ -82,21 +84,25 @@ def loader_rates(workdir: Path, manifests: Path, batches: int) -> dict[str, floa
 
 
 def run_ours(workdir: Path, precision: str, epochs: int) -> dict[str, float]:
-    """`pipeline finetune` as a user runs it; figures from its log.csv."""
+    """`pipeline finetune` as a user runs it; speed and accuracy from its log.csv.
+
+    Memory is this run's alone, measured by benchlib (getrusage(RUSAGE_CHILDREN) would be the
+    peak over every child so far): max RSS of its largest process, exact, and peak PSS of its
+    whole tree, which counts the DataLoader workers (without double counting shared pages).
+    """
     out = workdir / f"run-{precision}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "pipeline", "-q", "finetune", "--train",
-                    str(workdir / "train.h5"), "--val", str(workdir / "val.h5"), "--weights",
-                    "none", "--freeze-until", "conv4", "--epochs", str(epochs), "--precision",
-                    precision, "--workers", "2", "--out", str(out), "--lr", "0.01"],
-                   check=True, stdout=subprocess.DEVNULL)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    run = benchlib.run_measured(
+        [sys.executable, "-m", "pipeline", "-q", "finetune", "--train",
+         str(workdir / "train.h5"), "--val", str(workdir / "val.h5"), "--weights", "none",
+         "--freeze-until", "conv4", "--epochs", str(epochs), "--precision", precision,
+         "--workers", "2", "--out", str(out), "--lr", "0.01"],
+        workdir / f"finetune-{precision}.log")
     with open(out / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     return {"images_per_s": sum(float(r["images_per_s"]) for r in rows) / len(rows),
             "val_top1": float(rows[-1]["val_top1"]),
-            "peak_rss_mb": max(peak, before) / 1024}
+            "max_rss_mb": run.max_rss_mb, "peak_pss_mb": run.peak_pss_mb}
 
 
 def run_plain(workdir: Path, epochs: int) -> dict[str, float]:
@@ -144,7 +150,8 @@ def main() -> None:
     print(f"  plain PyTorch loop, fp32    {plain['images_per_s']:8.1f} images/s")
     for name, result in (("pipeline finetune fp32", fp32), ("pipeline finetune bf16", bf16)):
         print(f"  {name:<27} {result['images_per_s']:8.1f} images/s   val top-1 "
-              f"{result['val_top1']:.3f}   peak RSS {result['peak_rss_mb']:.0f} MB")
+              f"{result['val_top1']:.3f}   max RSS {result['max_rss_mb']:.0f} MB   "
+              f"peak PSS {result['peak_pss_mb']:.0f} MB")
     summary = {
         "hdf5_loader_vs_training": rates["ours, HDF5"] / bf16["images_per_s"],
         "hdf5_loader_vs_plain_loader": rates["ours, HDF5"] / rates["plain ImageFolder"],
