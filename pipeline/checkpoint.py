@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 
 from pipeline.data import ClassInfo
 from pipeline.errors import InputError
+from pipeline.fsutil import atomic_open
 from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, replace_fc8
 from pipeline.preprocess import InputSpec
 
@@ -78,14 +78,9 @@ def _channel_std(meta_path: Path) -> torch.Tensor:
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save to a temp file, then rename: a kill mid-save never corrupts a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        torch.save({"format": FORMAT, **payload}, temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    """Atomic (temp file + rename): a kill mid-save never corrupts a checkpoint."""
+    with atomic_open(path) as handle:
+        torch.save({"format": FORMAT, **payload}, handle)
 
 
 def load(path: Path) -> dict[str, Any]:

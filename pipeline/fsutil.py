@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
+
+
+def atomic_link(source: Path, path: Path) -> None:
+    """Make `path` the same file as `source` (a hard link, swapped in atomically): a second
+    name for a large file at no cost. Where links are not supported, a copy."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    temp.unlink(missing_ok=True)
+    try:
+        os.link(source, temp)
+    except OSError:
+        with atomic_open(path) as handle, open(source, "rb") as original:
+            shutil.copyfileobj(original, handle)
+        return
+    try:
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def remove_stale_temp_files(directory: Path) -> int:

@@ -28,7 +28,7 @@ from pipeline.checkpoint import Normalization
 from pipeline.data import EpochSampler, make_loader, open_images
 from pipeline.errors import InputError
 from pipeline.evaluate import EvalResult, evaluate_loader, make_eval_loader
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import atomic_link, atomic_write_text
 from pipeline.models import (
     Layer,
     build_model,
@@ -340,10 +340,9 @@ class _Trainer:
         top1 = result.top1 if result else row["train_top1"]
         improved = top1 > self.best_top1
         self.best_top1 = max(self.best_top1, top1)
-        payload = self._payload(epoch)
-        checkpoint.save(out / "checkpoint.pt", payload)
-        if improved:
-            checkpoint.save(out / "best.pt", payload)
+        checkpoint.save(out / "checkpoint.pt", self._payload(epoch))
+        if improved:  # the same bytes: a link, not a second write of a few hundred MB
+            atomic_link(out / "checkpoint.pt", out / "best.pt")
         val = (f"val loss {result.loss:.4f} top1 {result.top1:.3f} top5 {result.top5:.3f}"
                if result else "no validation set")
         log.info("epoch %d: train loss %.4f top1 %.3f | %s | %.1f img/s, %d skipped%s", epoch,

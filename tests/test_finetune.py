@@ -91,6 +91,10 @@ def test_loss_falls_and_accuracy_beats_chance(dataset, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 4
     assert {"checkpoint.pt", "best.pt", "config.json", "log.csv"} <= set(
         os.listdir(tmp_path / "run"))
+    top1 = [float(row["val_top1"]) for row in rows]
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == top1.index(max(top1)) + 1 and best["best_top1"] == max(top1)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 4
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(dataset, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import InputError
+from pipeline.fsutil import atomic_link, atomic_write_bytes
 from pipeline.manifest import label, read_labels, read_manifest, write_manifest
 from pipeline.mean import compute_mean
 from pipeline.pack import pack
@@ -236,3 +237,14 @@ def test_outputs_get_ordinary_file_permissions(tmp_path, labelled):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "mean.npy").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_linked_file_keeps_its_bytes_when_the_original_is_replaced(tmp_path):
+    """best.pt is linked to the checkpoint of its epoch; later checkpoints must not change it."""
+    atomic_write_bytes(tmp_path / "checkpoint.pt", b"epoch 1")
+    atomic_link(tmp_path / "checkpoint.pt", tmp_path / "best.pt")
+    atomic_write_bytes(tmp_path / "checkpoint.pt", b"epoch 2")
+    assert (tmp_path / "best.pt").read_bytes() == b"epoch 1"
+    atomic_link(tmp_path / "checkpoint.pt", tmp_path / "best.pt")
+    assert (tmp_path / "best.pt").read_bytes() == b"epoch 2"
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "checkpoint.pt"]
