@@ -84,7 +84,7 @@ def loader_rates(workdir: Path, manifests: Path, batches: int) -> dict[str, floa
     return rates
 
 
-def run_ours(workdir: Path, precision: str, epochs: int, weights: str) -> dict[str, float]:
+def run_ours(workdir: Path, precision: str, args: argparse.Namespace) -> dict[str, float]:
     """`pipeline finetune` as a user runs it; speed and accuracy from its log.csv.
 
     Memory is this run's alone, measured by benchlib (getrusage(RUSAGE_CHILDREN) would be the
@@ -95,9 +95,9 @@ def run_ours(workdir: Path, precision: str, epochs: int, weights: str) -> dict[s
     subprocess.run(["rm", "-rf", str(out)], check=True)
     run = benchlib.run_measured(
         [sys.executable, "-m", "pipeline", "-q", "finetune", "--train",
-         str(workdir / "train.h5"), "--val", str(workdir / "val.h5"), "--weights", weights,
-         "--freeze-until", "conv4", "--epochs", str(epochs), "--precision", precision,
-         "--workers", "2", "--out", str(out), "--lr", "0.01"],
+         str(workdir / "train.h5"), "--val", str(workdir / "val.h5"), "--weights", args.weights,
+         "--freeze-until", "conv4", "--epochs", str(args.epochs), "--precision", precision,
+         "--workers", "2", "--out", str(out), "--lr", str(args.lr)],
         workdir / f"finetune-{precision}.log", sample_seconds=2.0)
     with open(out / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -150,6 +150,7 @@ def main() -> None:
                         help="start both finetune runs from this checkpoint: with trained "
                              "weights the bf16-vs-fp32 accuracy comparison means something "
                              "(from scratch, a few epochs stay near chance)")
+    parser.add_argument("--lr", type=float, default=0.01, help="finetune's --lr")
     args = parser.parse_args()
     torch.set_num_threads(2)
     manifests = prepare(args.workdir, args.per_class)
@@ -158,8 +159,8 @@ def main() -> None:
     for name, rate in rates.items():
         print(f"  {name:<20} {rate:8.1f} images/s")
     plain = run_plain(args.workdir, args.epochs)
-    fp32 = run_ours(args.workdir, "fp32", args.epochs, args.weights)
-    bf16 = run_ours(args.workdir, "bf16", args.epochs, args.weights)
+    fp32 = run_ours(args.workdir, "fp32", args)
+    bf16 = run_ours(args.workdir, "bf16", args)
     print(f"training AlexNet at 224, frozen to conv4, {args.epochs} epoch(s):")
     print(f"  plain PyTorch loop, fp32    {plain['images_per_s']:8.1f} images/s"
           f"   (epochs: {epoch_rates(plain)})")
