@@ -18,9 +18,11 @@ import click
 
 from pipeline import __version__, progress
 from pipeline.errors import InputError
+from pipeline.gather.options import GatherOptions
 from pipeline.parallel import default_workers
 
 log = logging.getLogger("pipeline")
+GATHER = GatherOptions()  # the defaults, written once
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 WORKERS_OPTION = click.option("--workers", type=click.IntRange(min=1), default=default_workers,
@@ -62,7 +64,7 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option("--urls", required=True, type=click.Path(path_type=Path),
               help="ImageNet URL list (fall11_urls.txt style: '<wnid>_<num><TAB><url>').")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("data/raw"), show_default=True,
+              default=GATHER.out, show_default=True,
               help="Output root: images go to OUT/<wnid>/, the journal to OUT/gather.jsonl.")
 @click.option("--words", type=EXISTING_FILE, help="words.txt, for synset names in the summary.")
 @click.option("--is-a", "is_a", type=EXISTING_FILE,
@@ -71,17 +73,39 @@ def cli(verbose: bool, quiet: bool) -> None:
               help="Also fetch every hyponym's images, filed under OUT/<wnid>/<hyponym>/.")
 @click.option("--limit", type=click.IntRange(min=1),
               help="Stop at exactly this many good images per synset.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Downloads in flight at once.")
-@click.option("--per-host", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Connections to any one host at once.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="Seconds to connect, and to wait for each read.")
-@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Extra attempts for transient failures (timeouts, resets, 5xx, 429).")
-@click.option("--max-bytes", type=click.IntRange(min=1024), default=20 * 2**20,
+@click.option("--concurrency", type=click.IntRange(min=1), default=GATHER.concurrency,
+              show_default=True, help="Downloads in flight at once (over all processes).")
+@click.option("--per-host", type=click.IntRange(min=1), default=GATHER.per_host,
+              show_default=True, help="Connections to any one host at once.")
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              show_default="all cores, at most 8",
+              help="Worker processes, each with its own event loop.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=GATHER.timeout,
+              show_default=True, help="Seconds to connect, and to wait for each read.")
+@click.option("--url-deadline", type=click.FloatRange(min=0.1), default=GATHER.url_deadline,
+              show_default=True,
+              help="Seconds one attempt may take in all (connect, redirects, whole body).")
+@click.option("--min-rate", type=click.IntRange(min=0), default=GATHER.min_rate,
+              show_default=True,
+              help="Bytes/s a body must average once --timeout seconds have passed (0: off).")
+@click.option("--retries", type=click.IntRange(min=0), default=GATHER.retries,
+              show_default=True,
+              help="Extra attempts in this run for failures that may heal at once (5xx, 429, "
+                   "resets); connection failures and timeouts wait for the next run.")
+@click.option("--host-failures", type=click.IntRange(min=1), default=GATHER.host_failures,
+              show_default=True,
+              help="Consecutive connection failures/timeouts after which a host's other URLs "
+                   "are not requested in this run (journaled host_down, tried next run).")
+@click.option("--resolve", "resolve", multiple=True, metavar="HOST:PORT:ADDR",
+              help="Connect to ADDR for HOST (and PORT; HOST:ADDR for any port) without DNS, "
+                   "as curl's --resolve (repeatable).")
+@click.option("--allow-private-redirects", is_flag=True,
+              help="Follow redirects from public addresses to loopback/private/link-local ones "
+                   "(refused by default as blocked_redirect).")
+@click.option("--max-bytes", type=click.IntRange(min=1024), default=GATHER.max_bytes,
               show_default=True, help="Larger bodies are dropped as too_large.")
-@click.option("--min-size", type=click.IntRange(min=0), default=32, show_default=True,
+@click.option("--min-size", type=click.IntRange(min=0), default=GATHER.min_size,
+              show_default=True,
               help="Images whose shorter side is smaller are dropped as too_small.")
 @click.option("--ignore-opt-out", is_flag=True,
               help="Keep images whose X-Robots-Tag says noai/noimageai (honoured by default).")
@@ -90,25 +114,36 @@ def cli(verbose: bool, quiet: bool) -> None:
                    "as placeholder (repeatable).")
 def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Path,
            words: Path | None, is_a: Path | None, with_hyponyms: bool, limit: int | None,
-           concurrency: int, per_host: int, timeout: float, retries: int, max_bytes: int,
+           concurrency: int, per_host: int, processes: int | None, timeout: float,
+           url_deadline: float, min_rate: int, retries: int, host_failures: int,
+           resolve: tuple[str, ...], allow_private_redirects: bool, max_bytes: int,
            min_size: int, ignore_opt_out: bool, placeholders: tuple[Path, ...]) -> None:
     """Download the images of one or more synsets, in parallel, resumably.
 
     Every finished URL is journaled; running the same command again resumes: good images
-    and final failures (404, not an image, ...) are not fetched again, transient ones are.
+    and final failures (404, not an image, ...) are not fetched again, transient ones
+    (timeouts, unreachable or down hosts, 5xx, interrupted) are. Ctrl-C stops cleanly: URLs
+    in flight get a few seconds, the rest are journaled as interrupted, the summary is
+    printed (exit 130; 143 for SIGTERM).
     """
     from pipeline import gather as stage
+    from pipeline.gather.hosts import parse_resolve
     from pipeline.urllist import read_wnids_file, read_words
 
     requested = list(wnids) + (read_wnids_file(wnids_file) if wnids_file else [])
-    options = stage.GatherOptions(
-        out=out, concurrency=concurrency, per_host=per_host, timeout=timeout, retries=retries,
-        max_bytes=max_bytes, min_size=min_size, limit=limit, honour_opt_out=not ignore_opt_out,
+    options = GatherOptions(
+        out=out, concurrency=concurrency, per_host=per_host, processes=processes or 0,
+        timeout=timeout, url_deadline=url_deadline, min_rate=min_rate, retries=retries,
+        host_failures=host_failures, resolve=tuple(parse_resolve(r) for r in resolve),
+        allow_private_redirects=allow_private_redirects, max_bytes=max_bytes,
+        min_size=min_size, limit=limit, honour_opt_out=not ignore_opt_out,
         placeholder_digests=frozenset(hashlib.sha256(p.read_bytes()).hexdigest()
                                       for p in placeholders))
     report = stage.gather_synsets(urls, requested, options, is_a=is_a,
                                   with_hyponyms=with_hyponyms)
     click.echo(stage.format_summary(report, read_words(words) if words else None))
+    if report.interrupted_by:
+        sys.exit(128 + report.interrupted_by)
 
 
 @cli.command()

@@ -14,20 +14,27 @@ from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("ok", "dead", "http_error", "timeout", "not_image", "too_large", "too_small",
-            "placeholder", "duplicate", "opted_out")
-TRANSIENT_OUTCOMES = frozenset({"timeout"})
+JOURNAL_NAME = "gather.jsonl"  # in the output root of `pipeline gather`
+
+# In the order the summary table shows them. Final: ok, dead, http_error (4xx), not_image,
+# too_large, too_small, placeholder, duplicate, opted_out, blocked_redirect. Transient (tried
+# again by the next run): timeout, unreachable (refused, DNS, TLS), http_error (5xx, 429),
+# host_down (not requested: its host failed too often), interrupted (Ctrl-C).
+OUTCOMES = ("ok", "dead", "http_error", "timeout", "unreachable", "host_down", "interrupted",
+            "not_image", "too_large", "too_small", "placeholder", "duplicate", "opted_out",
+            "blocked_redirect")
+ALWAYS_TRANSIENT = frozenset({"timeout", "unreachable", "host_down", "interrupted"})
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def is_final(record: dict[str, Any]) -> bool:
     """A final outcome is not tried again on resume; a transient one is.
 
-    Timeouts, connection failures and 5xx/429 answers may well succeed later.
+    Every record says which (`final`); the outcome decides only for records without it.
     """
     if record.get("final") is not None:
         return bool(record["final"])
-    return record["outcome"] not in TRANSIENT_OUTCOMES
+    return record["outcome"] not in ALWAYS_TRANSIENT
 
 
 def read_journal(path: Path) -> dict[str, dict[str, Any]]:

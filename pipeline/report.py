@@ -21,9 +21,8 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_open, atomic_write_text
-from pipeline.gather import JOURNAL_NAME
 from pipeline.images import ImageDecodeError
-from pipeline.journal import read_journal
+from pipeline.journal import JOURNAL_NAME, read_journal
 from pipeline.manifest import read_labels, read_manifest
 from pipeline.preprocess import load_square
 

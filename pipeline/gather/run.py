@@ -1,0 +1,256 @@
+"""The coordinator: selects the URLs, runs the loop that hands them to the workers, settles
+their replies (retry, journal, host health), honours Ctrl-C and writes the summary."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pipeline.errors import InputError
+from pipeline.fsutil import remove_stale_temp_files
+from pipeline.gather.hosts import HostBook
+from pipeline.gather.http import Attempt
+from pipeline.gather.options import GatherOptions
+from pipeline.gather.schedule import Job, Scheduler
+from pipeline.gather.store import Collector, target_stem
+from pipeline.gather.worker import Reply, Request, WorkerPool
+from pipeline.journal import OUTCOMES, Journal, read_journal
+from pipeline.progress import Progress
+from pipeline.tables import format_table
+from pipeline.urllist import UrlEntry, check_wnid, expand_hyponyms, read_is_a, select_urls
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.2  # the coordinator wakes at least this often (signals, progress)
+STATUS_EVERY = 1.0
+
+
+@dataclass
+class GatherReport:
+    skipped: int = 0
+    this_run: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    overall: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    seconds: float = 0.0
+    hosts_down: int = 0
+    interrupted_by: int | None = None  # the signal that stopped the run early
+
+
+def gather_synsets(urls: Path, wnids: list[str], options: GatherOptions, *,
+                   is_a: Path | None = None, with_hyponyms: bool = False) -> GatherReport:
+    """Select the synsets' URLs from the list (hyponyms too, if asked) and fetch them."""
+    if not wnids:
+        raise InputError("no synset given (pass --wnid WNID or --wnids-file FILE)")
+    wnids = [check_wnid(w) for w in dict.fromkeys(wnids)]
+    if with_hyponyms and is_a is None:
+        raise InputError("--with-hyponyms needs --is-a wordnet.is_a.txt")
+    classes = (expand_hyponyms(wnids, read_is_a(is_a)) if with_hyponyms
+               else {wnid: wnid for wnid in wnids})
+    selection = select_urls(urls, classes)
+    if selection.malformed:
+        examples = "; ".join(f"line {n}: {text!r}" for n, text in selection.malformed_examples)
+        log.warning("%s: %d malformed line(s) skipped (%s)", urls, selection.malformed, examples)
+    log.info("%s: %d lines read, %d URL(s) selected for %d synset(s)", urls, selection.lines,
+             len(selection.entries), len(wnids))
+    return gather(selection.entries, options)
+
+
+def gather(entries: list[UrlEntry], options: GatherOptions) -> GatherReport:
+    """Fetch `entries` (already selected from the URL list), resuming from the journal."""
+    options.out.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temp_files(options.out)
+    if stale:
+        log.info("removed %d partial temp file(s) left by an interrupted run", stale)
+    started = time.monotonic()
+    report = GatherReport()
+    with Journal(options.journal_path) as journal:
+        collector = Collector(options, journal, read_journal(options.journal_path))
+        pending = collector.pending(entries)
+        report.skipped = len(entries) - len(pending)
+        pending = collector.recover_unjournaled(pending)
+        if pending:
+            _Run(pending, options, collector, report).drive()
+        report.this_run = collector.this_run
+    _fill_overall(report, entries, read_journal(options.journal_path))
+    report.seconds = time.monotonic() - started
+    return report
+
+
+class _Run:
+    """The coordinator loop: hand out jobs, settle replies, journal, honour Ctrl-C."""
+
+    def __init__(self, pending: list[UrlEntry], options: GatherOptions, collector: Collector,
+                 report: GatherReport) -> None:
+        self.options = options
+        self.collector = collector
+        self.report = report
+        self.hosts = HostBook(options.per_host, options.host_failures)
+        self.scheduler = Scheduler(pending, collector.ok_counts, options.limit, self.hosts)
+        self.jobs: dict[int, tuple[Job, float]] = {}  # job id -> (job, attempt start)
+        self.next_id = 0
+        self.progress = Progress("gather", total=len(pending))
+        self._status_at = 0.0
+
+    def drive(self) -> None:
+        with _StopSignals(self.options.grace) as stop, WorkerPool(self.options) as pool:
+            try:
+                while self._step(pool, stop):
+                    pass
+            finally:
+                self._journal_unfinished(stop.signum)
+                self.report.hosts_down = self.hosts.down_count()
+                self.progress.close()
+        self.report.interrupted_by = stop.signum
+
+    def _step(self, pool: WorkerPool, stop: _StopSignals) -> bool:
+        now = time.monotonic()
+        if stop.signum is None:
+            self._start_jobs(pool, now)
+            self._journal_dropped()
+            if not self.scheduler.busy():
+                return False
+        elif not self.jobs or now >= stop.deadline:
+            return False
+        due = self.scheduler.next_due(now)
+        timeout = TICK_SECONDS if due is None else min(TICK_SECONDS, max(0.0, due - now))
+        for reply in pool.wait(timeout):
+            self._settle(reply, stopping=stop.signum is not None)
+        self._show_status()
+        return True
+
+    def _start_jobs(self, pool: WorkerPool, now: float) -> None:
+        while pool.has_room() and (job := self.scheduler.next(now)) is not None:
+            self.next_id += 1
+            self.jobs[self.next_id] = (job, now)
+            pool.submit(Request(self.next_id, job.entry.url,
+                                str(target_stem(self.options.out, job.entry))))
+        pool.flush()
+
+    def _settle(self, reply: Reply, *, stopping: bool) -> None:
+        if reply.crash:
+            raise RuntimeError(f"gather worker failed: {reply.crash}")
+        job, started = self.jobs.pop(reply.job_id)
+        attempt = reply.attempt
+        job.seconds += reply.seconds
+        job.last_error = attempt.error
+        self.hosts.record(job.host, connection_failed=attempt.connection_failed,
+                          error=attempt.error)
+        if (attempt.retry and job.attempts <= self.options.retries and not stopping
+                and not self.hosts.is_down(job.host)):
+            self._retry_later(job, attempt)
+            return
+        self.scheduler.finished(job)
+        self._journal(job, attempt, reply)
+
+    def _retry_later(self, job: Job, attempt: Attempt) -> None:
+        now = time.monotonic()
+        if attempt.retry_after is not None:
+            delay = min(attempt.retry_after, self.options.max_retry_after)
+            self.hosts.pause(job.host, now + delay)  # the host asked: slow it, not the others
+        else:
+            delay = self.options.backoff * 2 ** (job.attempts - 1) * random.uniform(0.5, 1.5)
+        self.scheduler.retry(job, now + delay)
+
+    def _journal(self, job: Job, attempt: Attempt, reply: Reply | None = None) -> None:
+        outcome = self.collector.record(
+            job.entry, outcome=attempt.outcome, final=attempt.final, error=attempt.error,
+            http_status=attempt.http_status, attempts=job.attempts, seconds=job.seconds,
+            staged=reply.staged if reply else None)
+        self.progress.update(count="ok" if outcome == "ok" else "failed")
+
+    def _journal_dropped(self) -> None:
+        dropped, self.scheduler.dropped = self.scheduler.dropped, []
+        for job in dropped:
+            reason = self.hosts.state(job.host).down_because
+            self._journal(job, Attempt("host_down", final=False, error=reason))
+
+    def _journal_unfinished(self, signum: int | None) -> None:
+        """URLs still in flight when the run stops early: tried again by the next run."""
+        self._journal_dropped()
+        name = signal.Signals(signum).name if signum else "an error"
+        for job, _ in self.jobs.values():
+            error = f"interrupted by {name}" + (f" after: {job.last_error}"
+                                                if job.last_error else "")
+            self._journal(job, Attempt("interrupted", final=False, error=error))
+        for job in self.scheduler.waiting():
+            self._journal(job, Attempt("interrupted", final=False,
+                                       error=f"interrupted by {name} while waiting to retry "
+                                             f"after: {job.last_error}"))
+        self.jobs.clear()
+
+    def _show_status(self) -> None:
+        now = time.monotonic()
+        if now - self._status_at < STATUS_EVERY:
+            return
+        self._status_at = now
+        oldest = min((started for _, started in self.jobs.values()), default=now)
+        self.progress.status = (f"in flight {len(self.jobs)}, oldest {now - oldest:.0f}s, "
+                                f"hosts down {self.hosts.down_count()}")
+        self.progress.update(0)
+
+
+class _StopSignals:
+    """Ctrl-C / SIGTERM: stop handing out URLs, give those in flight `grace` seconds, then
+    journal the rest as interrupted. A second signal stops at once."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.signum: int | None = None
+        self.deadline = float("inf")
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        first = self.signum is None
+        self.signum = signum
+        self.deadline = time.monotonic() + self.grace if first else 0.0
+        log.warning("%s: stopping; URLs in flight get %g s", signal.Signals(signum).name,
+                    self.grace if first else 0)
+
+
+def _fill_overall(report: GatherReport, entries: list[UrlEntry],
+                  history: dict[str, dict[str, Any]]) -> None:
+    for entry in entries:
+        record = history.get(entry.id)
+        report.overall[entry.klass][record["outcome"] if record else "not_tried"] += 1
+
+
+def format_summary(report: GatherReport, names: dict[str, str] | None = None) -> str:
+    """A per-synset table of outcomes over the whole journal, this run included."""
+    order = {outcome: index for index, outcome in enumerate(OUTCOMES)}
+    outcomes = sorted({o for counts in report.overall.values() for o in counts},
+                      key=lambda o: (order.get(o, len(order)), o))
+    header = ["synset", "name", *outcomes, "total"]
+    rows = [header]
+    for klass in sorted(report.overall):
+        counts = report.overall[klass]
+        name = (names or {}).get(klass, "").split(",")[0]
+        rows.append([klass, name, *(str(counts[o]) for o in outcomes),
+                     str(sum(counts.values()))])
+    lines = [format_table(rows)]
+    fetched = sum(sum(c.values()) for c in report.this_run.values())
+    line = (f"this run: {fetched} URL(s) finished in {report.seconds:.1f} s, "
+            f"{report.skipped} already final in the journal")
+    if report.hosts_down:
+        line += f", {report.hosts_down} host(s) given up as down (tried again next run)"
+    if report.interrupted_by:
+        line += (f"; interrupted by {signal.Signals(report.interrupted_by).name}: "
+                 "run the same command again to resume")
+    lines.append(line)
+    return "\n".join(lines)

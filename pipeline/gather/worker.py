@@ -1,0 +1,231 @@
+"""Fetching on every core: worker processes, each with its own event loop and HTTP session.
+
+One event loop saturates one core (HTTP parsing, the decode check, hashing, writing) long
+before the network does, so the coordinator hands URLs to `processes` workers over pipes and
+gets back, per URL, what the attempt gave and where its image waits (`store.stage_body`).
+Messages are batched per loop iteration in both directions. Workers ignore Ctrl-C: the
+coordinator decides when they stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import multiprocessing
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+import aiohttp
+
+from pipeline.gather.hosts import Resolver
+from pipeline.gather.http import Attempt, fetch_once
+from pipeline.gather.options import GatherOptions
+from pipeline.gather.store import Staged, stage_body
+
+DECODE_THREADS = 2  # PIL releases the GIL while decoding: the loop keeps serving meanwhile
+STOP_SECONDS = 5.0
+MAX_RESPAWNS_PER_WORKER = 3
+
+
+@dataclass
+class Request:
+    job_id: int
+    url: str
+    stem: str  # final path without extension (store.target_stem)
+
+
+@dataclass
+class Reply:
+    job_id: int
+    attempt: Attempt
+    staged: Staged | None
+    seconds: float
+    crash: str = ""  # an error of ours (disk full...): the run must stop
+
+
+def worker_main(conn: Connection, options: GatherOptions) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import uvloop  # libuv's loop: a fifth less CPU per URL here
+    except ImportError:
+        asyncio.run(_serve(conn, options))
+    else:
+        uvloop.run(_serve(conn, options))
+
+
+async def _serve(conn: Connection, options: GatherOptions) -> None:
+    loop = asyncio.get_running_loop()
+    resolver = Resolver(options.resolve)
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=resolver,
+                                     use_dns_cache=True, ttl_dns_cache=600)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=options.timeout,
+                                    sock_read=options.timeout)
+    outbox = _Outbox(conn, loop)
+    closed: asyncio.Future[None] = loop.create_future()
+    tasks: set[asyncio.Task[None]] = set()
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                         headers={"User-Agent": options.user_agent}) as session:
+            async def handle(request: Request) -> None:
+                outbox.put(await _fetch(session, resolver, pool, request, options))
+
+            def on_readable() -> None:
+                try:
+                    while conn.poll():
+                        batch = conn.recv()
+                        if batch is None:
+                            break
+                        for request in batch:
+                            task = loop.create_task(handle(request))
+                            tasks.add(task)
+                            task.add_done_callback(tasks.discard)
+                    else:
+                        return
+                except (EOFError, OSError):
+                    pass
+                if not closed.done():
+                    closed.set_result(None)
+
+            loop.add_reader(conn.fileno(), on_readable)
+            await closed
+            loop.remove_reader(conn.fileno())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: ThreadPoolExecutor,
+                 request: Request, options: GatherOptions) -> Reply:
+    started = time.monotonic()
+    try:
+        attempt = await fetch_once(session, request.url, options, resolver)
+        staged = None
+        if attempt.body is not None:
+            staged = await asyncio.get_running_loop().run_in_executor(
+                pool, stage_body, attempt.body, request.stem, options)
+            attempt.body = None
+    except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which stops the run
+        return Reply(request.job_id, Attempt("interrupted", final=False), None, 0.0,
+                     crash=f"{type(exc).__name__}: {exc}")
+    return Reply(request.job_id, attempt, staged, time.monotonic() - started)
+
+
+class _Outbox:
+    """Replies finished in one loop iteration travel as one message."""
+
+    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        self._conn, self._loop = conn, loop
+        self._pending: list[Reply] = []
+
+    def put(self, reply: Reply) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(reply)
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        with contextlib.suppress(OSError):  # the coordinator is gone: nothing to tell
+            self._conn.send(batch)
+
+
+class WorkerPool:
+    """The coordinator's side: start workers, spread requests, collect replies.
+
+    A worker that dies (a crash in a decoder, the OOM killer) has its URLs answered as
+    `interrupted` (tried again by the next run) and is replaced, a few times at most.
+    """
+
+    def __init__(self, options: GatherOptions) -> None:
+        self._options = options
+        self._context = multiprocessing.get_context("spawn")
+        count = options.worker_processes
+        self.capacity = math.ceil(options.concurrency / count)
+        self._workers = [_Worker.start(self._context, options) for _ in range(count)]
+        self._respawns = 0
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def has_room(self) -> bool:
+        return any(len(w.in_flight) < self.capacity for w in self._workers)
+
+    def submit(self, request: Request) -> None:
+        worker = min(self._workers, key=lambda w: len(w.in_flight) + len(w.outgoing))
+        worker.outgoing.append(request)
+        worker.in_flight.add(request.job_id)
+
+    def flush(self) -> None:
+        for worker in self._workers:
+            worker.flush()
+
+    def wait(self, timeout: float) -> list[Reply]:
+        replies: list[Reply] = []
+        ready = wait([w.conn for w in self._workers], timeout)
+        for index, worker in enumerate(self._workers):
+            if worker.conn not in ready:
+                continue
+            try:
+                batch: list[Reply] = worker.conn.recv()
+            except (EOFError, OSError):
+                replies.extend(self._replace(index))
+                continue
+            for reply in batch:
+                worker.in_flight.discard(reply.job_id)
+            replies.extend(batch)
+        return replies
+
+    def _replace(self, index: int) -> list[Reply]:
+        dead = self._workers[index]
+        dead.process.join(STOP_SECONDS)
+        error = f"a gather worker process died (exit code {dead.process.exitcode})"
+        self._respawns += 1
+        if self._respawns > MAX_RESPAWNS_PER_WORKER * len(self._workers):
+            raise RuntimeError(f"{error}, too often; see the log for the URLs involved")
+        self._workers[index] = _Worker.start(self._context, self._options)
+        return [Reply(job_id, Attempt("interrupted", final=False, error=error), None, 0.0)
+                for job_id in dead.in_flight]
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    in_flight: set[int]
+    outgoing: list[Request]
+
+    @classmethod
+    def start(cls, context: multiprocessing.context.BaseContext,
+              options: GatherOptions) -> _Worker:
+        ours, theirs = context.Pipe(duplex=True)
+        process = context.Process(target=worker_main, args=(theirs, options),
+                                  name="pipeline-gather-worker", daemon=True)
+        process.start()
+        theirs.close()
+        return cls(process, ours, set(), [])
+
+    def flush(self) -> None:
+        if self.outgoing:
+            with contextlib.suppress(OSError):  # a dead worker: its URLs come back in wait()
+                self.conn.send(self.outgoing)
+            self.outgoing = []
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.process.join(STOP_SECONDS)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
