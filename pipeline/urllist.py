@@ -2,7 +2,9 @@
 
 The URL list (`fall11_urls.txt`) has 14 million lines, so it is streamed once in binary mode
 and only the lines of the requested synsets are kept: memory grows with the selection, never
-with the list.
+with the list. The list was scraped from the web: some URLs hold raw Latin-1 bytes, UTF-8 text,
+spaces or a stray third field, so a selected line's bytes are turned into a fully encoded ASCII
+URL here (`encode_url`) rather than decoded as text, which would lose the bytes the server expects.
 """
 
 from __future__ import annotations
@@ -12,17 +14,37 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
+
+import idna  # yarl's own IDNA codec (UTS #46, as browsers), so it is installed with aiohttp
 
 from pipeline.errors import InputError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 MAX_REPORTED_MALFORMED = 5
+_BOM = b"\xef\xbb\xbf"
+_URL = re.compile(
+    rb"(https?)://"
+    rb"(?:([^/?#]*)@)?"  # user info, up to the last @ of the authority
+    rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\x80-\xff-]+)"  # host, non-ASCII for IDNA
+    rb"(?::([0-9]{0,5}))?"  # port
+    rb"([/?][^#]*)?"  # path and query
+    rb"(?:#.*)?",  # the fragment is dropped: it is never sent to the server
+    re.IGNORECASE | re.DOTALL)
+# Bytes a URL may not hold (RFC 3986): controls, space, DEL, non-ASCII, `"<>\^`{|}`, and a `%`
+# that does not start an escape; existing `%XX` escapes are kept so nothing is encoded twice.
+_TO_ESCAPE = re.compile(rb'%(?![0-9A-Fa-f]{2})|[^\x21-\x7e]|["<>\\^`{|}]')
+# Most URLs need no escape at all; deleting these bytes finds them at C speed.
+_PLAIN = bytes(byte for byte in range(0x21, 0x7f) if byte not in b'"%<>\\^`{|}')
 
 
 @dataclass(frozen=True)
 class UrlEntry:
-    """One image to fetch. `klass` is the requested synset the image is filed under."""
+    """One image to fetch. `klass` is the requested synset the image is filed under.
+
+    `url` is ASCII and fully encoded, to be sent as is (`yarl.URL(url, encoded=True)`).
+    """
 
     id: str
     wnid: str
@@ -32,10 +54,32 @@ class UrlEntry:
 
 @dataclass
 class Selection:
+    """What a scan kept, and what it skipped or repaired, so the caller can report it.
+
+    Only selected lines are read past their key (to keep the scan fast), so `extra_fields`,
+    `duplicate_ids` and malformed ids or URLs are counted among the selected lines only; a line
+    without a `<wnid>_<num><TAB>` key is malformed wherever it is. Examples are
+    `(line number, text)`, the text being the id for a duplicate.
+    """
+
     entries: list[UrlEntry] = field(default_factory=list)
     lines: int = 0
     malformed: int = 0
     malformed_examples: list[tuple[int, str]] = field(default_factory=list)
+    extra_fields: int = 0
+    extra_fields_examples: list[tuple[int, str]] = field(default_factory=list)
+    duplicate_ids: int = 0
+    duplicate_examples: list[tuple[int, str]] = field(default_factory=list)
+
+
+class MalformedLine(ValueError):
+    """A line whose id or URL cannot be used; the scan counts it and goes on."""
+
+
+class UrlLine(NamedTuple):
+    id: str
+    url: str
+    extra_fields: bool
 
 
 def check_wnid(wnid: str) -> str:
@@ -60,6 +104,8 @@ def select_urls(path: Path, classes: dict[str, str]) -> Selection:
     selection = Selection()
     try:
         with open(path, "rb") as handle:
+            if handle.peek(len(_BOM)).startswith(_BOM):  # saved by an editor as "UTF-8 with BOM"
+                handle.read(len(_BOM))
             _scan(handle, wanted, selection)
     except FileNotFoundError:
         raise InputError(f"URL list {path} does not exist (pass --urls fall11_urls.txt)") from None
@@ -73,33 +119,102 @@ def select_urls(path: Path, classes: dict[str, str]) -> Selection:
 
 def _scan(handle: Iterable[bytes], wanted: dict[bytes, tuple[str, str]],
           selection: Selection) -> None:
-    """The hot loop: one partition per line; only selected lines are decoded."""
+    """The hot loop: two partitions and a lookup per line; only selected lines go further."""
+    seen_ids: set[str] = set()
     lineno = 0
     for lineno, line in enumerate(handle, 1):  # noqa: B007 - lineno is used after the loop
-        key, tab, url = line.partition(b"\t")
+        key, tab, _ = line.partition(b"\t")
         wnid, underscore, _ = key.partition(b"_")
         if not tab or not underscore:
             if line.strip():
-                _note_malformed(selection, lineno, line)
+                selection.malformed += 1
+                _note(selection.malformed_examples, lineno, _line_text(line))
             continue
         match = wanted.get(wnid)
-        if match is None:
-            continue
-        url = url.strip()
-        if not url.startswith((b"http://", b"https://")):
-            _note_malformed(selection, lineno, line)
-            continue
-        selection.entries.append(UrlEntry(
-            id=key.decode("utf-8", "replace").strip(), wnid=match[0],
-            url=url.decode("utf-8", "replace"), klass=match[1]))
+        if match is not None:
+            _select(selection, seen_ids, lineno, line, match)
     selection.lines = lineno
 
 
-def _note_malformed(selection: Selection, lineno: int, line: bytes) -> None:
-    selection.malformed += 1
-    if len(selection.malformed_examples) < MAX_REPORTED_MALFORMED:
-        text = line.decode("utf-8", "replace").rstrip("\r\n")
-        selection.malformed_examples.append((lineno, text[:120]))
+def _select(selection: Selection, seen_ids: set[str], lineno: int, line: bytes,
+            match: tuple[str, str]) -> None:
+    try:
+        parsed = parse_url_line(line)
+    except MalformedLine:
+        selection.malformed += 1
+        _note(selection.malformed_examples, lineno, _line_text(line))
+        return
+    if parsed.extra_fields:
+        selection.extra_fields += 1
+        _note(selection.extra_fields_examples, lineno, _line_text(line))
+    if parsed.id in seen_ids:  # the first line wins, as a later one would overwrite its file
+        selection.duplicate_ids += 1
+        _note(selection.duplicate_examples, lineno, parsed.id)
+        return
+    seen_ids.add(parsed.id)
+    selection.entries.append(UrlEntry(id=parsed.id, wnid=match[0], url=parsed.url,
+                                      klass=match[1]))
+
+
+def _note(examples: list[tuple[int, str]], lineno: int, text: str) -> None:
+    if len(examples) < MAX_REPORTED_MALFORMED:
+        examples.append((lineno, text))
+
+
+def _line_text(line: bytes) -> str:
+    """Readable, not exact: the examples are for a log message."""
+    return line.decode("utf-8", "replace").rstrip("\r\n")[:120]
+
+
+def parse_url_line(line: bytes) -> UrlLine:
+    """One `<wnid>_<num><TAB><url>` line of the list; fields after the second are ignored.
+
+    The id must be ASCII (every id in the real list is) so that it can name a file and a
+    journal record without any lossy decoding. Raises MalformedLine.
+    """
+    fields = line.rstrip(b"\r\n").split(b"\t")
+    if len(fields) < 2:
+        raise MalformedLine("expected <wnid>_<num><TAB><url>")
+    try:
+        image_id = fields[0].strip().decode("ascii")
+    except UnicodeDecodeError:
+        raise MalformedLine("the id is not ASCII") from None
+    if "_" not in image_id:
+        raise MalformedLine("the id is not <wnid>_<num>")
+    return UrlLine(image_id, encode_url(fields[1].strip()), len(fields) > 2)
+
+
+def encode_url(raw: bytes) -> str:
+    """The URL a browser would request for `raw`, as ASCII to be sent byte for byte.
+
+    The list's bytes are kept: a byte that may not appear in a URL is percent-encoded as it is,
+    so Latin-1 `caf\\xe9` becomes `caf%E9` and UTF-8 `é` becomes `%C3%A9` (what a browser sends
+    for an IRI). A non-ASCII host name is converted to IDNA (punycode), as DNS needs. The
+    fragment is dropped, as it is never sent. Raises MalformedLine for a URL that is not
+    http(s), or whose host or port is unusable.
+    """
+    url = _URL.fullmatch(raw)
+    if url is None:
+        raise MalformedLine("not an http:// or https:// URL with a usable host and port")
+    scheme, userinfo, host, port, path_query = url.groups()
+    if port and int(port) > 65535:
+        raise MalformedLine("the port is out of range")
+    try:  # IDNA's output is letters, digits, hyphens and dots only
+        host_text = host.decode("ascii") if host.isascii() else idna.encode(
+            host.decode("utf-8"), uts46=True).decode("ascii")
+    except UnicodeError:  # not UTF-8, or not a valid internationalized name
+        raise MalformedLine("the host name cannot be encoded") from None
+    prefix = scheme.lower().decode("ascii") + "://"
+    if userinfo is not None:
+        prefix += _escape(userinfo).replace("@", "%40") + "@"
+    suffix = "" if port is None else ":" + port.decode("ascii")
+    return prefix + host_text + suffix + _escape(path_query or b"")
+
+
+def _escape(raw: bytes) -> str:
+    if raw.translate(None, _PLAIN):
+        raw = _TO_ESCAPE.sub(lambda byte: b"%%%02X" % byte[0][0], raw)
+    return raw.decode("ascii")
 
 
 def _check_all_found(path: Path, classes: dict[str, str], selection: Selection) -> None:

@@ -5,8 +5,13 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.urllist import (
+    MalformedLine,
+    UrlEntry,
+    UrlLine,
     check_wnid,
+    encode_url,
     expand_hyponyms,
+    parse_url_line,
     read_is_a,
     read_words,
     safe_file_stem,
@@ -15,6 +20,7 @@ from pipeline.urllist import (
 
 import make_sample
 
+QUIRKS = Path(__file__).parent / "data" / "urls_quirks.txt"
 
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
@@ -34,10 +40,106 @@ def test_select_keeps_only_requested_synsets_and_reports_malformed_lines(tmp_pat
     ]) + "\n")
     selection = select_urls(urls, {"n00000001": "n00000001"})
     assert [e.id for e in selection.entries] == ["n00000001_1", "n00000001_2", "n00000001_4"]
-    assert selection.entries[2].url == "https://a/é.jpg"
+    assert selection.entries[2].url == "https://a/%C3%A9.jpg"
     assert selection.lines == 8
     assert selection.malformed == 3
     assert [n for n, _ in selection.malformed_examples] == [3, 5, 6]
+
+
+def test_quirks_of_the_real_list_give_exact_urls_counts_and_line_numbers():
+    selection = select_urls(QUIRKS, {"n00000001": "n00000001"})
+    assert [(e.id, e.url) for e in selection.entries] == [
+        ("n00000001_1", "http://farm1.static.flickr.com/1/1_cafe.jpg"),  # after the BOM, CRLF
+        ("n00000001_2", "http://www.example.com/caf%E9.jpg"),  # a raw Latin-1 byte
+        ("n00000001_3", "http://www.example.com/ca%C3%B1on/%C3%A9t%C3%A9.jpg"),  # UTF-8 path
+        ("n00000001_4", "http://xn--bcher-kva.example/bild.jpg?gr%C3%B6%C3%9Fe=1"),  # IDN host
+        ("n00000001_5", "http://www.example.com/5.jpg"),  # the third field left out
+        ("n00000001_6", "http://www.example.com/my%20photo%206.jpg"),  # trailing space stripped
+        ("n00000001_7", "http://www.example.com/already%20encoded%2Fx.jpg"),
+        ("n00000001_8", "http://www.example.com/100%25.jpg?a=50%25&b=%25zz"),
+        ("n00000001_9", "https://www.example.com/9.jpg"),  # the fragment dropped
+        ("n00000001_14", "http://www.example.com/a%22b%3Cc%3E%7Bd%7D%7Ce%5Ef%60g%5Ch.jpg"),
+        ("n00000001_15", "http://WWW.Example.COM/Upper.JPG"),  # no final newline
+    ]
+    assert all(e.wnid == e.klass == "n00000001" for e in selection.entries)
+    assert selection.lines == 20
+    # ftp://, a Latin-1 host name, a line without a tab, a non-ASCII id
+    assert selection.malformed == 4
+    assert [n for n, _ in selection.malformed_examples] == [14, 15, 17, 18]
+    assert selection.malformed_examples[2] == (17, "garbage without a tab")
+    # line 8 has a third field too, but its synset was not asked for
+    assert selection.extra_fields == 2
+    assert selection.extra_fields_examples == [
+        (6, "n00000001_5\thttp://www.example.com/5.jpg\tflickr"),
+        (16, "n00000001_1\thttp://www.example.com/dup-again.jpg\textra")]
+    assert selection.duplicate_ids == 2
+    assert selection.duplicate_examples == [(12, "n00000001_2"), (16, "n00000001_1")]
+
+
+def test_extra_fields_are_counted_in_every_selected_synset():
+    selection = select_urls(QUIRKS, {"n00000001": "n00000001", "n00000002": "n00000002"})
+    assert [n for n, _ in selection.extra_fields_examples] == [6, 8, 16]
+    assert selection.entries[6] == UrlEntry(
+        "n00000002_1", "n00000002", "http://other.example/unselected.jpg", "n00000002")
+
+
+def test_examples_are_capped_but_every_problem_is_counted(tmp_path):
+    path = tmp_path / "urls.txt"
+    path.write_bytes(b"".join(b"n1_1\thttp://a/%d.jpg\tx\n" % n for n in range(9)))
+    selection = select_urls(path, {"n1": "n1"})
+    assert len(selection.entries) == 1
+    assert (selection.extra_fields, selection.duplicate_ids) == (9, 8)
+    assert [n for n, _ in selection.extra_fields_examples] == [1, 2, 3, 4, 5]
+    assert [n for n, _ in selection.duplicate_examples] == [2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(("raw", "url"), [
+    (b"http://a/b.jpg", "http://a/b.jpg"),
+    (b"HTTPS://a/b.jpg", "https://a/b.jpg"),
+    (b"http://a/caf\xe9.jpg", "http://a/caf%E9.jpg"),
+    ("http://a/é?q=é".encode(), "http://a/%C3%A9?q=%C3%A9"),
+    ("http://Bücher.example:8080/x".encode(), "http://xn--bcher-kva.example:8080/x"),
+    (b"http://a/x%2fy%41", "http://a/x%2fy%41"),
+    (b"http://a/%", "http://a/%25"),
+    (b"http://a/%4", "http://a/%254"),
+    (b"http://a/\x01\x7f x", "http://a/%01%7F%20x"),
+    (b"http://a/p?q=1#frag ment", "http://a/p?q=1"),
+    (b"http://a", "http://a"),
+    (b"http://user:p w@host/x", "http://user:p%20w@host/x"),
+    (b"http://[::1]:8765/x", "http://[::1]:8765/x"),
+    (b"http://127.0.0.1:8765/n1/1.jpg", "http://127.0.0.1:8765/n1/1.jpg"),
+])
+def test_encode_url_sends_the_lists_bytes_as_a_valid_url(raw, url):
+    assert encode_url(raw) == url
+
+
+@pytest.mark.parametrize("raw", [
+    b"ftp://a/b.jpg", b"a/b.jpg", b"http:/a/b.jpg", b"http://", b"http:///b.jpg",
+    b"http://caf\xe9.example/", "http://☃.example/".encode(), b"http://a b/",
+    b"http://a\\b/", b"http://a:x/", b"http://a:65536/", b"http://[zz]/",
+])
+def test_encode_url_rejects_what_cannot_be_fetched(raw):
+    with pytest.raises(MalformedLine):
+        encode_url(raw)
+
+
+@pytest.mark.parametrize(("line", "parsed"), [
+    (b"n1_1\thttp://a/1.jpg\n", UrlLine("n1_1", "http://a/1.jpg", False)),
+    (b" n1_1 \t http://a/1.jpg \r\n", UrlLine("n1_1", "http://a/1.jpg", False)),
+    (b"n1_1\thttp://a/1.jpg\tflickr\tmore", UrlLine("n1_1", "http://a/1.jpg", True)),
+    (b"n1_1\thttp://a/1.jpg\t\n", UrlLine("n1_1", "http://a/1.jpg", True)),
+])
+def test_parse_url_line_keeps_the_first_two_fields(line, parsed):
+    assert parse_url_line(line) == parsed
+
+
+@pytest.mark.parametrize("line", [
+    b"n1_1 http://a/1.jpg\n", b"n1\thttp://a/1.jpg\n", b"n1_\xe9\thttp://a/1.jpg\n",
+    b"n1_1\tftp://a/1.jpg\n", b"n1_1\t\thttp://a/1.jpg\n",
+])
+def test_parse_url_line_rejects_a_bad_id_or_url(line):
+    with pytest.raises(MalformedLine):
+        parse_url_line(line)
 
 
 def test_unknown_wnid_is_an_error_naming_it(tmp_path):
