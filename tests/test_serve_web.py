@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-import serve_web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image
-from serve_web import HostSpec, make_host, make_host_mix, serve_web_process
 
 import make_sample
+import serve_web
+from serve_web import HostSpec, make_host, make_host_mix, serve_web_process
 
 TRICKLE_EVERY = 0.2
 ENDLESS_RATE = 40_000

@@ -113,6 +113,7 @@ class HostState:
     failures: int = 0  # consecutive connection failures and timeouts
     down_because: str = ""  # set once the host is given up for this run
     not_before: float = 0.0  # a Retry-After pause, on the monotonic clock
+    answered_at: float = float("-inf")  # when it last gave an HTTP answer
     last_error: str = ""
 
 
@@ -139,11 +140,17 @@ class HostBook:
         state = self.hosts.get(host)
         return state is not None and bool(state.down_because)
 
-    def record(self, host: str, *, connection_failed: bool, error: str = "") -> None:
-        """Any HTTP answer proves the host alive; only unbroken runs of failures count."""
+    def record(self, host: str, *, connection_failed: bool, started: float, now: float,
+               error: str = "") -> None:
+        """Any HTTP answer proves the host alive. A failure counts only if its attempt began
+        after the host's last answer: attempts started together (a burst of hung URLs on a
+        busy, healthy host) fail together, and that says nothing about the host."""
         state = self.state(host)
         if not connection_failed:
             state.failures = 0
+            state.answered_at = now
+            return
+        if started < state.answered_at:
             return
         state.failures += 1
         state.last_error = error

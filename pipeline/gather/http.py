@@ -63,7 +63,7 @@ async def fetch_once(session: aiohttp.ClientSession, url: str, options: GatherOp
     except _TooSlow as slow:
         return _failed("timeout", str(slow))
     except aiohttp.ConnectionTimeoutError:
-        return _failed("timeout", f"no connection within {options.timeout:g} s (--timeout)")
+        return _failed("unreachable", f"no connection within {options.timeout:g} s (--timeout)")
     except aiohttp.SocketTimeoutError:
         return _failed("timeout", f"no data for {options.timeout:g} s (--timeout)")
     except TimeoutError:

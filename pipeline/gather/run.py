@@ -25,7 +25,14 @@ from pipeline.gather.worker import Reply, Request, WorkerPool
 from pipeline.journal import OUTCOMES, Journal, read_journal
 from pipeline.progress import Progress
 from pipeline.tables import format_table
-from pipeline.urllist import UrlEntry, check_wnid, expand_hyponyms, read_is_a, select_urls
+from pipeline.urllist import (
+    Selection,
+    UrlEntry,
+    check_wnid,
+    expand_hyponyms,
+    read_is_a,
+    select_urls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +61,22 @@ def gather_synsets(urls: Path, wnids: list[str], options: GatherOptions, *,
     classes = (expand_hyponyms(wnids, read_is_a(is_a)) if with_hyponyms
                else {wnid: wnid for wnid in wnids})
     selection = select_urls(urls, classes)
-    if selection.malformed:
-        examples = "; ".join(f"line {n}: {text!r}" for n, text in selection.malformed_examples)
-        log.warning("%s: %d malformed line(s) skipped (%s)", urls, selection.malformed, examples)
+    _report_quirks(urls, selection)
     log.info("%s: %d lines read, %d URL(s) selected for %d synset(s)", urls, selection.lines,
              len(selection.entries), len(wnids))
     return gather(selection.entries, options)
+
+
+def _report_quirks(urls: Path, selection: Selection) -> None:
+    for count, examples, what in (
+            (selection.malformed, selection.malformed_examples, "malformed line(s) skipped"),
+            (selection.extra_fields, selection.extra_fields_examples,
+             "line(s) with more than two fields (the first two kept)"),
+            (selection.duplicate_ids, selection.duplicate_examples,
+             "line(s) repeating an earlier id (the first kept)")):
+        if count:
+            listed = "; ".join(f"line {n}: {text!r}" for n, text in examples)
+            log.warning("%s: %d %s (%s)", urls, count, what, listed)
 
 
 def gather(entries: list[UrlEntry], options: GatherOptions) -> GatherReport:
@@ -141,7 +158,7 @@ class _Run:
         job.seconds += reply.seconds
         job.last_error = attempt.error
         self.hosts.record(job.host, connection_failed=attempt.connection_failed,
-                          error=attempt.error)
+                          started=started, now=time.monotonic(), error=attempt.error)
         if (attempt.retry and job.attempts <= self.options.retries and not stopping
                 and not self.hosts.is_down(job.host)):
             self._retry_later(job, attempt)
