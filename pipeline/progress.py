@@ -6,17 +6,20 @@ every `log_every` seconds instead, so logs stay readable.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
 from typing import TextIO
 
 ENABLED = True  # the CLI's --quiet turns every progress display off
+# Seconds between progress lines in a log (not a terminal); PIPELINE_PROGRESS_EVERY sets it.
+LOG_EVERY = float(os.environ.get("PIPELINE_PROGRESS_EVERY", "10"))
 
 
 class Progress:
     def __init__(self, label: str, total: int | None = None, *, stream: TextIO | None = None,
-                 redraw_every: float = 0.2, log_every: float = 10.0) -> None:
+                 redraw_every: float = 0.2, log_every: float | None = None) -> None:
         self.label = label
         self.total = total
         self.done = 0
@@ -24,7 +27,7 @@ class Progress:
         self.status = ""  # free text shown after the counts, e.g. the running loss
         self._stream = stream or sys.stderr
         self._tty = self._stream.isatty()
-        self._interval = redraw_every if self._tty else log_every
+        self._interval = redraw_every if self._tty else log_every or LOG_EVERY
         self._start = time.monotonic()
         # A log gets its first line after `log_every` seconds (short stages: just the last).
         self._last_draw = 0.0 if self._tty else self._start

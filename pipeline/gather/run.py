@@ -109,7 +109,7 @@ class _Run:
         self.collector = collector
         self.report = report
         self.hosts = HostBook(options.per_host, options.host_failures)
-        self.scheduler = Scheduler(pending, collector.ok_counts, options.limit, self.hosts)
+        self.pending = pending
         self.jobs: dict[int, tuple[Job, float]] = {}  # job id -> (job, attempt start)
         self.next_id = 0
         self.progress = Progress("gather", total=len(pending))
@@ -117,6 +117,9 @@ class _Run:
 
     def drive(self) -> None:
         with _StopSignals(self.options.grace) as stop, WorkerPool(self.options) as pool:
+            self.hosts.per_host = pool.per_host
+            self.scheduler = Scheduler(self.pending, self.collector.ok_counts,
+                                       self.options.limit, self.hosts)
             try:
                 while self._step(pool, stop):
                     pass
@@ -146,7 +149,7 @@ class _Run:
         while pool.has_room() and (job := self.scheduler.next(now)) is not None:
             self.next_id += 1
             self.jobs[self.next_id] = (job, now)
-            pool.submit(Request(self.next_id, job.entry.url,
+            pool.submit(Request(self.next_id, job.entry.url, job.host,
                                 str(target_stem(self.options.out, job.entry))))
         pool.flush()
 

@@ -15,8 +15,10 @@ import math
 import multiprocessing
 import signal
 import time
+import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 import aiohttp
@@ -35,6 +37,7 @@ MAX_RESPAWNS_PER_WORKER = 3
 class Request:
     job_id: int
     url: str
+    host: str  # hosts.host_key(url)
     stem: str  # final path without extension (store.target_stem)
 
 
@@ -47,21 +50,23 @@ class Reply:
     crash: str = ""  # an error of ours (disk full...): the run must stop
 
 
-def worker_main(conn: Connection, options: GatherOptions) -> None:
-    """Entry point of a worker process."""
+def worker_main(conn: Connection, options: GatherOptions, per_host: int) -> None:
+    """Entry point of a worker process; `per_host`: its share of the connections per host."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        import uvloop  # libuv's loop: a fifth less CPU per URL here
+        import uvloop  # libuv's loop: less CPU per URL than asyncio's own
     except ImportError:
-        asyncio.run(_serve(conn, options))
+        asyncio.run(_serve(conn, options, per_host))
     else:
-        uvloop.run(_serve(conn, options))
+        uvloop.run(_serve(conn, options, per_host))
 
 
-async def _serve(conn: Connection, options: GatherOptions) -> None:
+async def _serve(conn: Connection, options: GatherOptions, per_host: int) -> None:
     loop = asyncio.get_running_loop()
     resolver = Resolver(options.resolve)
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=resolver,
+    # Idle keep-alive connections are reused before a new one is opened, so a host never
+    # sees more than `per_host` connections from this process, idle ones included.
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=per_host, resolver=resolver,
                                      use_dns_cache=True, ttl_dns_cache=600)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=options.timeout,
                                     sock_read=options.timeout)
@@ -136,6 +141,9 @@ class _Outbox:
 class WorkerPool:
     """The coordinator's side: start workers, spread requests, collect replies.
 
+    A host's connections are split evenly over the workers (each keeps its own keep-alive
+    pool), so the host never sees more than `per_host` of them in all; when `per_host` is
+    smaller than the number of workers, all of a host's URLs go to one worker instead.
     A worker that dies (a crash in a decoder, the OOM killer) has its URLs answered as
     `interrupted` (tried again by the next run) and is replaced, a few times at most.
     """
@@ -145,7 +153,11 @@ class WorkerPool:
         self._context = multiprocessing.get_context("spawn")
         count = options.worker_processes
         self.capacity = math.ceil(options.concurrency / count)
-        self._workers = [_Worker.start(self._context, options) for _ in range(count)]
+        self._sticky = options.per_host < count
+        self._host_share = options.per_host if self._sticky else options.per_host // count
+        # What the scheduler may have in flight per host, over all workers.
+        self.per_host = self._host_share * (1 if self._sticky else count)
+        self._workers = [self._start() for _ in range(count)]
         self._respawns = 0
 
     def __enter__(self) -> WorkerPool:
@@ -158,9 +170,14 @@ class WorkerPool:
         return any(len(w.in_flight) < self.capacity for w in self._workers)
 
     def submit(self, request: Request) -> None:
-        worker = min(self._workers, key=lambda w: len(w.in_flight) + len(w.outgoing))
+        if self._sticky:
+            worker = self._workers[zlib.crc32(request.host.encode()) % len(self._workers)]
+        else:  # the scheduler's per-host limit leaves one with room for this host
+            worker = min(self._workers, key=lambda w: (w.hosts[request.host] >= self._host_share,
+                                                       len(w.in_flight)))
         worker.outgoing.append(request)
-        worker.in_flight.add(request.job_id)
+        worker.in_flight[request.job_id] = request.host
+        worker.hosts[request.host] += 1
 
     def flush(self) -> None:
         for worker in self._workers:
@@ -178,9 +195,12 @@ class WorkerPool:
                 replies.extend(self._replace(index))
                 continue
             for reply in batch:
-                worker.in_flight.discard(reply.job_id)
+                worker.done(reply.job_id)
             replies.extend(batch)
         return replies
+
+    def _start(self) -> _Worker:
+        return _Worker.start(self._context, self._options, self._host_share)
 
     def _replace(self, index: int) -> list[Reply]:
         dead = self._workers[index]
@@ -189,7 +209,7 @@ class WorkerPool:
         self._respawns += 1
         if self._respawns > MAX_RESPAWNS_PER_WORKER * len(self._workers):
             raise RuntimeError(f"{error}, too often; see the log for the URLs involved")
-        self._workers[index] = _Worker.start(self._context, self._options)
+        self._workers[index] = self._start()
         return [Reply(job_id, Attempt("interrupted", final=False, error=error), None, 0.0)
                 for job_id in dead.in_flight]
 
@@ -202,18 +222,26 @@ class WorkerPool:
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
-    in_flight: set[int]
-    outgoing: list[Request]
+    in_flight: dict[int, str] = field(default_factory=dict)  # job id -> host
+    hosts: Counter[str] = field(default_factory=Counter)  # host -> jobs in flight
+    outgoing: list[Request] = field(default_factory=list)
 
     @classmethod
-    def start(cls, context: multiprocessing.context.BaseContext,
-              options: GatherOptions) -> _Worker:
+    def start(cls, context: multiprocessing.context.BaseContext, options: GatherOptions,
+              per_host: int) -> _Worker:
         ours, theirs = context.Pipe(duplex=True)
-        process = context.Process(target=worker_main, args=(theirs, options),
+        process = context.Process(target=worker_main, args=(theirs, options, per_host),
                                   name="pipeline-gather-worker", daemon=True)
         process.start()
         theirs.close()
-        return cls(process, ours, set(), [])
+        return cls(process, ours)
+
+    def done(self, job_id: int) -> None:
+        host = self.in_flight.pop(job_id, None)
+        if host is not None:
+            self.hosts[host] -= 1
+            if not self.hosts[host]:
+                del self.hosts[host]
 
     def flush(self) -> None:
         if self.outgoing:

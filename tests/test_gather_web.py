@@ -1,0 +1,291 @@
+"""gather against the real web's host-level faults (scripts/serve_web.py): stalling servers,
+dead and black-holed hosts, many hostnames via --resolve, Ctrl-C, byte-exact URLs."""
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web as aioweb
+
+from pipeline.gather import GatherOptions, gather_synsets
+from pipeline.gather.hosts import parse_resolve
+from pipeline.journal import read_journal
+
+import serve_web
+from serve_web import make_host
+
+TRICKLE_EVERY = 0.5
+ENDLESS_RATE = 20_000
+
+
+def images(sample: Path, wnid: str) -> list[str]:
+    return sorted(p.name for p in (sample / "files" / wnid).iterdir() if p.suffix == ".jpg")
+
+
+def write_list(path: Path, lines: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(f"{image_id}\t{url}\n" for image_id, url in lines))
+    return path
+
+
+def good_urls(web, host, sample: Path, wnid: str, count: int, start: int = 0) -> list[str]:
+    """`count` distinct good images on an alive host (unique bytes, so no duplicates)."""
+    names = images(sample, wnid)
+    return [f"{web.base_url(host)}/uniq/{start + k}/{wnid}/{names[k % len(names)]}"
+            for k in range(count)]
+
+
+def options(out: Path, web, **overrides) -> GatherOptions:
+    values = {"out": out, "timeout": 1.0, "retries": 1, "backoff": 0.05,
+              "resolve": tuple(parse_resolve(r) for r in web.resolve_args())}
+    return GatherOptions(**{**values, **overrides})
+
+
+def outcomes_by_host(journal: dict, web) -> dict[str, Counter]:
+    found: dict[str, Counter] = {}
+    for record in journal.values():
+        host = record["url"].split("/")[2].split(":")[0]
+        found.setdefault(host, Counter())[record["outcome"]] += 1
+    return found
+
+
+@pytest.fixture(scope="module")
+def stalling_web(sample):
+    hosts = [make_host(1, "alive"), make_host(2, "trickle"), make_host(3, "blackhole"),
+             make_host(4, "endless")]
+    with serve_web.serve_web(sample, hosts, max_seconds=300, trickle_every=TRICKLE_EVERY,
+                             endless_rate=ENDLESS_RATE) as handle:
+        yield handle
+
+
+def test_stalling_servers_end_within_the_deadline_and_every_url_is_journaled(
+        sample, stalling_web, tmp_path):
+    web = stalling_web
+    wnid = sorted(p.name for p in (sample / "files").iterdir())[0]
+    alive, trickle, blackhole, endless = web.hosts
+    lines = [(f"{wnid}_{k}", url)
+             for k, url in enumerate(good_urls(web, alive, sample, wnid, 30))]
+    name = images(sample, wnid)[0]
+    for k, host in enumerate((trickle, trickle, blackhole, endless), start=100):
+        lines.append((f"{wnid}_{k}", f"{web.base_url(host)}/img/{wnid}/{name}"))
+    urls = write_list(tmp_path / "urls.txt", lines)
+    deadline = 4.0
+    started = time.monotonic()
+    report = gather_synsets(urls, [wnid], options(tmp_path / "raw", web, url_deadline=deadline,
+                                                  host_failures=10, retries=0))
+    elapsed = time.monotonic() - started
+    # Each stalled URL is bounded by its deadline; they run side by side: one deadline plus
+    # start-up, far below the trickle's 250 s or the endless stream's forever.
+    assert elapsed < deadline + 6, elapsed
+    journal = read_journal(tmp_path / "raw" / "gather.jsonl")
+    assert set(journal) == {image_id for image_id, _ in lines}
+    by_id = {image_id: journal[image_id] for image_id, _ in lines}
+    assert sum(r["outcome"] == "ok" for r in by_id.values()) == 30
+    for image_id in (f"{wnid}_100", f"{wnid}_101"):  # trickle: below --min-rate after 1 s
+        assert by_id[image_id]["outcome"] == "timeout" and not by_id[image_id]["final"]
+        assert "--min-rate" in by_id[image_id]["error"]
+    assert by_id[f"{wnid}_102"]["outcome"] == "unreachable"  # black hole: no connection
+    assert "no connection within" in by_id[f"{wnid}_102"]["error"]
+    endless_record = by_id[f"{wnid}_103"]  # fast enough for --min-rate, never finishes
+    assert endless_record["outcome"] == "timeout" and "--url-deadline" in endless_record["error"]
+    assert report.overall[wnid]["ok"] == 30
+    assert not list((tmp_path / "raw").rglob("*.part"))
+
+
+def test_a_trickle_without_min_rate_still_ends_at_the_deadline(sample, stalling_web, tmp_path):
+    web = stalling_web
+    wnid = sorted(p.name for p in (sample / "files").iterdir())[0]
+    url = f"{web.base_url(web.hosts[1])}/img/{wnid}/{images(sample, wnid)[0]}"
+    urls = write_list(tmp_path / "urls.txt", [(f"{wnid}_1", url)])
+    started = time.monotonic()
+    gather_synsets(urls, [wnid], options(tmp_path / "raw", web, url_deadline=2.0, min_rate=0))
+    assert time.monotonic() - started < 2.0 + 5
+    record = read_journal(tmp_path / "raw" / "gather.jsonl")[f"{wnid}_1"]
+    assert record["outcome"] == "timeout" and "--url-deadline" in record["error"]
+
+
+@pytest.fixture(scope="module")
+def many_hosts_web(sample):
+    """20 alive hostnames, 3 refusing, 1 black-holed, 1 whose name never resolves."""
+    hosts = [make_host(i, "alive") for i in range(1, 21)]
+    hosts += [make_host(21, "refusing"), make_host(22, "refusing"), make_host(23, "refusing"),
+              make_host(24, "blackhole"), make_host(25, "dns_dead")]
+    with serve_web.serve_web(sample, hosts, max_seconds=300, latency=0.1) as handle:
+        yield handle
+
+
+def test_many_hostnames_per_host_limit_and_dead_hosts_cost_a_few_attempts(
+        sample, many_hosts_web, tmp_path):
+    web = many_hosts_web
+    wnids = sorted(p.name for p in (sample / "files").iterdir())[:2]
+    lines = []
+    for index, host in enumerate(web.hosts):
+        wnid = wnids[index % 2]
+        if host.behaviour == "alive":
+            urls = good_urls(web, host, sample, wnid, 8, start=100 * index)
+        else:
+            urls = [f"{web.base_url(host)}/img/{wnid}/x{k}.jpg" for k in range(30)]
+        lines += [(f"{wnid}_{index * 1000 + k}", url) for k, url in enumerate(urls)]
+    urls = write_list(tmp_path / "urls.txt", lines)
+    before = web.stats()
+    per_host, failures = 2, 3
+    gather_synsets(urls, wnids, options(tmp_path / "raw", web, per_host=per_host,
+                                        concurrency=64, host_failures=failures))
+    after = web.stats()
+    journal = read_journal(tmp_path / "raw" / "gather.jsonl")
+    assert set(journal) == {image_id for image_id, _ in lines}
+    by_host = outcomes_by_host(journal, web)
+    alive = [h for h in web.hosts if h.behaviour == "alive"]
+    for host in alive:
+        assert by_host[host.name] == {"ok": 8}
+        assert after[host.name]["max_open"] <= per_host  # counted by the server
+    assert max(after[h.name]["max_open"] for h in alive) == per_host  # the limit was reached
+    assert sum(after[h.name]["requests"] - before[h.name]["requests"] for h in alive) == 160
+    for host in web.hosts:
+        if host.behaviour == "alive":
+            continue
+        counts = by_host[host.name]
+        # At most `failures` attempts, plus those already in flight when it went down.
+        assert counts["unreachable"] <= failures + per_host - 1, (host, counts)
+        assert counts["host_down"] >= 30 - failures - per_host + 1, (host, counts)
+        assert counts["unreachable"] + counts["host_down"] == 30
+    down = [r for r in journal.values() if r["outcome"] == "host_down"]
+    assert all(not r["final"] and r["error"].startswith("host down: ") for r in down)
+    assert all(r["attempts"] == 0 for r in down)  # never requested
+
+    # A re-run tries the dead hosts again (they may have come back); good images are kept.
+    lines_before = (tmp_path / "raw" / "gather.jsonl").read_text().count("\n")
+    report = gather_synsets(urls, wnids, options(tmp_path / "raw", web, per_host=per_host,
+                                                 concurrency=64, host_failures=failures))
+    assert report.skipped == 160
+    new = [json.loads(line) for line in
+           (tmp_path / "raw" / "gather.jsonl").read_text().splitlines()[lines_before:]]
+    second = outcomes_by_host({r["id"]: r for r in new}, web)
+    for host in web.hosts:
+        if host.behaviour != "alive":
+            assert second[host.name]["unreachable"] >= 1
+            assert sum(second[host.name].values()) == 30
+
+
+def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "gather", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def test_ctrl_c_journals_what_is_in_flight_prints_the_summary_and_resumes(
+        sample, stalling_web, tmp_path):
+    web = stalling_web
+    wnid = sorted(p.name for p in (sample / "files").iterdir())[0]
+    alive, trickle = web.hosts[0], web.hosts[1]
+    lines = [(f"{wnid}_{k}", url)
+             for k, url in enumerate(good_urls(web, alive, sample, wnid, 10))]
+    name = images(sample, wnid)[0]
+    lines += [(f"{wnid}_{k}", f"{web.base_url(trickle)}/img/{wnid}/{name}")
+              for k in range(100, 103)]
+    urls = write_list(tmp_path / "urls.txt", lines)
+    out = tmp_path / "raw"
+    args = ["--urls", str(urls), "--wnid", wnid, "--out", str(out), "--timeout", "1",
+            "--url-deadline", "120", "--min-rate", "0", "--processes", "1",
+            *(f"--resolve={r}" for r in web.resolve_args())]
+    process = run_cli(args)
+    journal = out / "gather.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+            not journal.exists() or journal.read_text().count("\n") < 10):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "interrupted by SIGINT" in stdout and "Traceback" not in stderr
+    assert f"{wnid}" in stdout and "total" in stdout  # the summary table
+    records = read_journal(journal)
+    assert set(records) == {image_id for image_id, _ in lines}  # nothing left unjournaled
+    for k in range(100, 103):
+        record = records[f"{wnid}_{k}"]
+        assert record["outcome"] == "interrupted" and not record["final"]
+
+    # The re-run retries only the interrupted ones (now against a short deadline).
+    process = run_cli([*args, "--url-deadline", "1"])
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "10 already final" in stdout
+
+
+def test_progress_in_a_log_reports_in_flight_urls_while_nothing_finishes(
+        sample, stalling_web, tmp_path):
+    web = stalling_web
+    wnid = sorted(p.name for p in (sample / "files").iterdir())[0]
+    url = f"{web.base_url(web.hosts[1])}/img/{wnid}/{images(sample, wnid)[0]}"
+    urls = write_list(tmp_path / "urls.txt", [(f"{wnid}_1", url)])
+    log = tmp_path / "log.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.run(
+            [sys.executable, "-m", "pipeline", "gather", "--urls", str(urls), "--wnid", wnid,
+             "--out", str(tmp_path / "raw"), "--url-deadline", "12", "--min-rate", "0",
+             *(f"--resolve={r}" for r in web.resolve_args())],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=60,
+            env={**os.environ, "PIPELINE_PROGRESS_EVERY": "2"})
+    assert process.returncode == 0
+    beats = [line for line in log.read_text().splitlines() if "in flight 1, oldest" in line]
+    assert len(beats) >= 3, log.read_text()  # one every 2 s during the 12 s stall
+
+
+def test_urls_go_out_byte_for_byte_as_the_list_holds_them(sample, tmp_path):
+    """A raw Latin-1 byte, a space and a UTF-8 path reach the server percent-encoded."""
+    seen: list[str] = []
+
+    async def record(request: aioweb.Request) -> aioweb.Response:
+        seen.append(request.raw_path)
+        return aioweb.Response(status=404)
+
+    app = aioweb.Application()
+    app.router.add_get("/{tail:.*}", record)
+    with serve_app(app) as base:
+        raw = [b"n1_1\t" + base.encode() + b"/caf\xe9.jpg\n",
+               b"n1_2\t" + base.encode() + b"/a b.jpg\textra\n",
+               b"n1_3\t" + base.encode() + "/é%20x.jpg\r\n".encode()]
+        urls = tmp_path / "urls.txt"
+        urls.write_bytes(b"\xef\xbb\xbf" + b"".join(raw))
+        gather_synsets(urls, ["n1"], GatherOptions(out=tmp_path / "raw", processes=1))
+    assert sorted(seen) == ["/%C3%A9%20x.jpg", "/a%20b.jpg", "/caf%E9.jpg"]
+    journal = read_journal(tmp_path / "raw" / "gather.jsonl")
+    assert journal["n1_1"]["url"].endswith("/caf%E9.jpg")
+
+
+@contextlib.contextmanager
+def serve_app(app: aioweb.Application, seconds: float = 60) -> Iterator[str]:
+    """A plain aiohttp app on 127.0.0.1 in a thread of its own, stopped on exit."""
+    ready: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+
+    async def main() -> None:
+        runner = aioweb.AppRunner(app)
+        await runner.setup()
+        site = aioweb.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        ready.put(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await runner.cleanup()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        yield ready.get(timeout=30)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
