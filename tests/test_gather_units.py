@@ -1,0 +1,174 @@
+"""gather's pieces that need no server: header parsing, --resolve, host health, the scheduler,
+the redirect guard."""
+
+import asyncio
+import email.utils
+import time
+from collections import Counter
+
+import pytest
+from yarl import URL
+
+from pipeline.errors import InputError
+from pipeline.gather.hosts import HostBook, Resolver, host_key, is_public, parse_resolve
+from pipeline.gather.http import _refused_redirect, opted_out, parse_retry_after
+from pipeline.gather.options import GatherOptions
+from pipeline.gather.schedule import Scheduler
+from pipeline.urllist import UrlEntry
+
+
+def test_retry_after_takes_seconds_and_http_dates():
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after(" 3 ") == 3.0
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= parse_retry_after(when) <= 31
+    past = email.utils.formatdate(time.time() - 300, usegmt=True)
+    assert parse_retry_after(past) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def test_opt_out_directives_bare_or_addressed_to_us():
+    assert opted_out(["noai"])
+    assert opted_out(["noindex, noimageai"])
+    assert opted_out(["pipeline: noai"])
+    assert opted_out(["*: noai"])
+    assert not opted_out(["otherbot: noai"])
+    assert not opted_out(["noindex, nofollow"])
+    assert not opted_out([])
+
+
+def test_resolve_takes_curl_forms_and_rejects_garbage():
+    assert parse_resolve("img.example:8080:127.0.0.2") == ("img.example", 8080, "127.0.0.2")
+    assert parse_resolve("IMG.example:127.0.0.3") == ("img.example", None, "127.0.0.3")
+    assert parse_resolve("v6.example:443:[::1]") == ("v6.example", 443, "::1")
+    assert parse_resolve("v6.example:[::1]") == ("v6.example", None, "::1")
+    for bad in ("img.example", "img.example:80:not-an-ip", ":80:127.0.0.1"):
+        with pytest.raises(InputError, match="--resolve"):
+            parse_resolve(bad)
+
+
+def test_resolver_pins_names_and_never_resolves_reserved_ones():
+    async def run():
+        resolver = Resolver((("a.example", 80, "127.0.0.5"), ("b.example", None, "127.0.0.6")))
+        assert (await resolver.resolve("a.example", 80))[0]["host"] == "127.0.0.5"
+        assert (await resolver.resolve("B.EXAMPLE", 1234))[0]["host"] == "127.0.0.6"
+        with pytest.raises(OSError, match="never resolves"):
+            await resolver.resolve("dead.invalid", 80)
+        await resolver.close()
+    asyncio.run(run())
+
+
+def test_host_key_and_public_addresses():
+    assert host_key("http://Img.Example:8080/a.jpg") == "img.example:8080"
+    assert host_key("https://user:pw@img.example/a") == "img.example"
+    assert is_public("93.184.216.34")
+    for private in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1",
+                    "::ffff:127.0.0.1", "fe80::1"):
+        assert not is_public(private)
+
+
+def test_host_goes_down_after_failures_begun_after_its_last_answer():
+    book = HostBook(per_host=4, max_failures=3)
+    book.record("h", connection_failed=False, started=0.0, now=10.0)
+    # Attempts begun before the answer at t=10 fail later: they say nothing about the host.
+    for _ in range(5):
+        book.record("h", connection_failed=True, started=5.0, now=11.0, error="timeout")
+    assert not book.is_down("h")
+    book.record("h", connection_failed=True, started=12.0, now=13.0, error="refused")
+    book.record("h", connection_failed=True, started=12.0, now=13.0, error="refused")
+    book.record("h", connection_failed=False, started=12.5, now=13.5)  # answers again
+    book.record("h", connection_failed=True, started=14.0, now=15.0, error="refused")
+    book.record("h", connection_failed=True, started=14.0, now=15.0, error="refused")
+    assert not book.is_down("h")
+    book.record("h", connection_failed=True, started=14.0, now=15.0, error="refused")
+    assert book.is_down("h") and "3 connection failures" in book.state("h").down_because
+    assert book.down_count() == 1
+
+
+def entries(klass: str, hosts: list[str], per_host: int) -> list[UrlEntry]:
+    return [UrlEntry(f"{klass}_{h}_{k}", klass, f"http://{h}/{klass}/{k}.jpg", klass)
+            for h in hosts for k in range(per_host)]
+
+
+def test_scheduler_alternates_classes_and_hosts_and_respects_the_per_host_limit():
+    book = HostBook(per_host=2, max_failures=5)
+    work = entries("a", ["big", "small"], 5) + entries("b", ["other"], 5)
+    scheduler = Scheduler(work, Counter(), None, book)
+    started = [scheduler.next(0.0) for _ in range(6)]
+    assert None not in started
+    assert [j.entry.klass for j in started] == ["a", "b", "a", "b", "a", "a"]
+    assert Counter(j.host for j in started) == {"big": 2, "small": 2, "other": 2}
+    assert scheduler.next(0.0) is None  # every host at its limit
+    scheduler.finished(started[0])
+    assert scheduler.next(0.0).host == started[0].host
+
+
+def test_scheduler_limit_is_exact_and_retries_keep_their_place():
+    book = HostBook(per_host=10, max_failures=5)
+    ok: Counter = Counter()
+    scheduler = Scheduler(entries("a", ["h"], 10), ok, 3, book)
+    jobs = [scheduler.next(0.0) for _ in range(3)]
+    assert scheduler.next(0.0) is None  # 3 in flight for a limit of 3
+    scheduler.retry(jobs[0], at=5.0)
+    assert scheduler.next(1.0) is None  # a retry waiting still holds its place
+    assert scheduler.next_due(1.0) == 5.0
+    again = scheduler.next(5.0)
+    assert again is jobs[0] and again.attempts == 2
+    for job in (again, jobs[1], jobs[2]):
+        scheduler.finished(job)
+        ok["a"] += 1
+    assert scheduler.next(6.0) is None and not scheduler.busy()  # limit reached
+
+
+def test_scheduler_drops_the_queue_of_a_down_host_and_pauses_only_the_throttled_one():
+    book = HostBook(per_host=1, max_failures=1)
+    scheduler = Scheduler(entries("a", ["dead", "slow", "fine"], 3), Counter(), None, book)
+    first = [scheduler.next(0.0) for _ in range(3)]
+    dead = next(j for j in first if j.host == "dead")
+    book.record("dead", connection_failed=True, started=0.0, now=1.0, error="refused")
+    scheduler.finished(dead)
+    slow = next(j for j in first if j.host == "slow")
+    book.pause("slow", until=30.0)  # Retry-After: 29 s
+    scheduler.finished(slow)
+    for job in first:
+        if job.host == "fine":
+            scheduler.finished(job)
+    started = []
+    while (job := scheduler.next(2.0)) is not None:
+        started.append(job.host)
+        scheduler.finished(job)
+    assert started == ["fine", "fine"]
+    assert sorted(j.entry.id for j in scheduler.dropped) == ["a_dead_1", "a_dead_2"]
+    assert scheduler.next_due(2.0) == 30.0
+    assert scheduler.next(30.0).host == "slow"
+
+
+def test_a_public_url_may_not_redirect_to_a_private_address():
+    """Resolution only (pinned names): nothing is connected to."""
+    pins = (("public.example", None, "93.184.216.34"), ("inside.example", None, "10.0.0.7"),
+            ("mirror.example", None, "127.0.0.1"))
+
+    async def check(source: str, target: str, **options) -> str | None:
+        resolver = Resolver(pins)
+        try:
+            refused = await _refused_redirect(URL(source), URL(target),
+                                              GatherOptions(**options), resolver)
+        finally:
+            await resolver.close()
+        return refused.outcome if refused else None
+
+    run = asyncio.run
+    assert run(check("http://public.example/a.jpg", "http://127.0.0.1/admin")) \
+        == "blocked_redirect"
+    assert run(check("http://public.example/a.jpg", "http://inside.example/x")) \
+        == "blocked_redirect"
+    assert run(check("http://public.example/a.jpg", "http://169.254.169.254/meta")) \
+        == "blocked_redirect"
+    assert run(check("http://public.example/a.jpg", "http://127.0.0.1/x",
+                     allow_private_redirects=True)) is None
+    assert run(check("http://mirror.example/a.jpg", "http://127.0.0.1/b.jpg")) is None
+    assert run(check("http://public.example/a.jpg", "ftp://public.example/a.jpg")) \
+        == "blocked_redirect"
+    assert run(check("http://public.example/a.jpg",
+                     "http://public.example/photo_unavailable.png")) == "placeholder"
