@@ -112,12 +112,18 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option("--placeholder", "placeholders", multiple=True, type=EXISTING_FILE,
               help="An image a host serves for deleted photos; identical bytes are dropped "
                    "as placeholder (repeatable).")
+@click.option("--placeholder-after", type=click.IntRange(min=0),
+              default=GATHER.placeholder_after, show_default=True,
+              help="The same bytes from this many URLs (at least two different ones) are a "
+                   "host's generic placeholder: every copy is dropped as placeholder and the "
+                   "digest remembered in OUT/placeholders.txt (0: off).")
 def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Path,
            words: Path | None, is_a: Path | None, with_hyponyms: bool, limit: int | None,
            concurrency: int, per_host: int, processes: int | None, timeout: float,
            url_deadline: float, min_rate: int, retries: int, host_failures: int,
            resolve: tuple[str, ...], allow_private_redirects: bool, max_bytes: int,
-           min_size: int, ignore_opt_out: bool, placeholders: tuple[Path, ...]) -> None:
+           min_size: int, ignore_opt_out: bool, placeholders: tuple[Path, ...],
+           placeholder_after: int) -> None:
     """Download the images of one or more synsets, in parallel, resumably.
 
     Every finished URL is journaled; running the same command again resumes: good images
@@ -138,7 +144,8 @@ def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Pat
         allow_private_redirects=allow_private_redirects, max_bytes=max_bytes,
         min_size=min_size, limit=limit, honour_opt_out=not ignore_opt_out,
         placeholder_digests=frozenset(hashlib.sha256(p.read_bytes()).hexdigest()
-                                      for p in placeholders))
+                                      for p in placeholders),
+        placeholder_after=placeholder_after)
     report = stage.gather_synsets(urls, requested, options, is_a=is_a,
                                   with_hyponyms=with_hyponyms)
     click.echo(stage.format_summary(report, read_words(words) if words else None))

@@ -289,3 +289,38 @@ def serve_app(app: aioweb.Application, seconds: float = 60) -> Iterator[str]:
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def test_a_body_repeated_across_urls_and_synsets_is_a_placeholder_and_no_copy_stays(
+        sample, tmp_path):
+    hosts = [make_host(1, "alive"), make_host(2, "placeholder")]
+    wnids = sorted(p.name for p in (sample / "files").iterdir())[:2]
+    with serve_web.serve_web(sample, hosts, max_seconds=120) as web:
+        alive, generic = web.hosts
+        lines = []
+        for w, wnid in enumerate(wnids):
+            lines += [(f"{wnid}_{k}", url) for k, url in
+                      enumerate(good_urls(web, alive, sample, wnid, 5, start=50 * w))]
+            lines += [(f"{wnid}_{k}", f"{web.base_url(generic)}/photos/{wnid}/{k}.jpg")
+                      for k in range(100, 110)]
+        urls = write_list(tmp_path / "urls.txt", lines)
+        out = tmp_path / "raw"
+        report = gather_synsets(urls, wnids, options(out, web))
+        journal = read_journal(out / "gather.jsonl")
+        placeholder_ids = {i for i, url in lines if generic.name in url}
+        assert {journal[i]["outcome"] for i in placeholder_ids} == {"placeholder"}
+        assert all(journal[i]["outcome"] == "ok" for i, _ in lines if i not in placeholder_ids)
+        kept = [p for p in out.rglob("*.jpg") if ".placeholders" not in p.parts]
+        assert len(kept) == 10  # the 10 real photos, not one copy of the generic picture
+        digest = web.placeholder_digests().pop()
+        assert (out / "placeholders.txt").read_text().split() == [digest]
+        assert [p.stem for p in (out / ".placeholders").iterdir()] == [digest]
+        assert report.placeholders_found == 1
+        assert all(report.overall[w]["ok"] == 5 for w in wnids)
+
+        # A later run knows the digest: a new URL with those bytes is refused at once.
+        lines.append((f"{wnids[0]}_999", f"{web.base_url(generic)}/new.jpg"))
+        write_list(urls, lines)
+        gather_synsets(urls, wnids, options(out, web))
+        record = read_journal(out / "gather.jsonl")[f"{wnids[0]}_999"]
+        assert record["outcome"] == "placeholder" and "placeholders.txt" in record["error"]

@@ -14,6 +14,7 @@ from pipeline.journal import JOURNAL_NAME
 
 DEFAULT_USER_AGENT = f"pipeline/{__version__} (image dataset builder; honours X-Robots-Tag noai)"
 MAX_DEFAULT_PROCESSES = 8
+PLACEHOLDERS_NAME = "placeholders.txt"  # digests found to be placeholders, beside the journal
 
 
 def default_processes() -> int:
@@ -39,6 +40,7 @@ class GatherOptions:
     limit: int | None = None
     honour_opt_out: bool = True
     placeholder_digests: frozenset[str] = frozenset()
+    placeholder_after: int = 3  # URLs with the same bytes that make them a placeholder (0: off)
     resolve: tuple[tuple[str, int | None, str], ...] = ()  # (host, port or None, address)
     allow_private_redirects: bool = False
     backoff: float = 0.5
@@ -49,6 +51,10 @@ class GatherOptions:
     @property
     def journal_path(self) -> Path:
         return self.out / JOURNAL_NAME
+
+    @property
+    def placeholders_path(self) -> Path:
+        return self.out / PLACEHOLDERS_NAME
 
     @property
     def worker_processes(self) -> int:

@@ -47,6 +47,7 @@ class GatherReport:
     overall: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     seconds: float = 0.0
     hosts_down: int = 0
+    placeholders_found: int = 0  # distinct repeated bodies recognised as placeholders
     interrupted_by: int | None = None  # the signal that stopped the run early
 
 
@@ -95,6 +96,7 @@ def gather(entries: list[UrlEntry], options: GatherOptions) -> GatherReport:
         if pending:
             _Run(pending, options, collector, report).drive()
         report.this_run = collector.this_run
+        report.placeholders_found = collector.placeholders_found
     _fill_overall(report, entries, read_journal(options.journal_path))
     report.seconds = time.monotonic() - started
     return report
@@ -269,6 +271,9 @@ def format_summary(report: GatherReport, names: dict[str, str] | None = None) ->
             f"{report.skipped} already final in the journal")
     if report.hosts_down:
         line += f", {report.hosts_down} host(s) given up as down (tried again next run)"
+    if report.placeholders_found:
+        line += (f", {report.placeholders_found} repeated image(s) recognised as placeholders "
+                 "(every copy dropped)")
     if report.interrupted_by:
         line += (f"; interrupted by {signal.Signals(report.interrupted_by).name}: "
                  "run the same command again to resume")

@@ -24,6 +24,8 @@ from pipeline.images import ImageDecodeError, decode_image, sniff_extension
 from pipeline.journal import Journal, is_final
 from pipeline.urllist import UrlEntry, safe_file_stem
 
+PLACEHOLDER_DIR = ".placeholders"  # hidden: never taken for a class folder
+
 
 @dataclass
 class Staged:
@@ -79,8 +81,25 @@ def image_problem(body: bytes, min_size: int) -> ImageDecodeError | None:
     return None
 
 
+@dataclass
+class _Kept:
+    """An image kept for a class: enough to take it back if its bytes prove a placeholder."""
+
+    id: str
+    wnid: str
+    url: str
+    path: str  # relative to the output root
+
+
 class Collector:
-    """Keeps or drops staged images and journals every outcome (coordinator side)."""
+    """Keeps or drops staged images and journals every outcome (coordinator side).
+
+    It also spots mass placeholders: bytes that arrive for `placeholder_after` URLs (from at
+    least two different URLs, across hosts and synsets) are a host's generic "image not
+    found" picture, not a photo. Every copy is then taken back (one kept under
+    OUT/.placeholders/ for inspection, the journal corrected), and the digest is remembered
+    in OUT/placeholders.txt so resumes and later runs reject it at once.
+    """
 
     def __init__(self, options: GatherOptions, journal: Journal,
                  history: dict[str, dict[str, Any]]) -> None:
@@ -89,12 +108,22 @@ class Collector:
         self.history = history
         self.this_run: dict[str, Counter[str]] = defaultdict(Counter)
         self.ok_counts: Counter[str] = Counter()
-        self.digests: dict[str, dict[str, str]] = defaultdict(dict)  # class -> sha -> id
+        self.kept: dict[str, dict[str, _Kept]] = defaultdict(dict)  # class -> sha -> image
+        self.placeholders = read_placeholders(options.placeholders_path)
+        self.placeholders_found = 0
+        self._seen: dict[str, tuple[int, str, bool]] = {}  # sha -> (URLs, first URL, >1 URL)
+        self._duplicates: dict[str, list[tuple[str, _Kept]]] = defaultdict(list)  # sha -> ...
         for record in history.values():
+            if record["outcome"] in ("ok", "duplicate"):
+                self._count(record["sha256"], record["url"])
+            if record["outcome"] == "duplicate":
+                self._duplicates[record["sha256"]].append((record["class"], _Kept(
+                    record["id"], record["wnid"], record["url"], "")))
             if record["outcome"] == "ok":
                 klass = record.get("class", record.get("wnid", ""))
                 self.ok_counts[klass] += 1
-                self.digests[klass][record.get("sha256", "")] = record["id"]
+                self.kept[klass][record["sha256"]] = _Kept(
+                    record["id"], record.get("wnid", klass), record["url"], record["path"])
 
     def pending(self, entries: list[UrlEntry]) -> list[UrlEntry]:
         return [e for e in entries if e.id not in self.history or not is_final(self.history[e.id])]
@@ -133,23 +162,85 @@ class Collector:
                           bytes=staged.size, sha256=staged.sha256)
             if staged.outcome == "ok":
                 self._keep_or_drop(entry, staged, record)
-        self.journal.write(record)
-        self.this_run[entry.klass][record["outcome"]] += 1
-        self.ok_counts[entry.klass] += record["outcome"] == "ok"
+        self._write(entry.klass, record)
         return record["outcome"]
 
+    def _write(self, klass: str, record: dict[str, Any]) -> None:
+        self.journal.write(record)
+        self.this_run[klass][record["outcome"]] += 1
+        self.ok_counts[klass] += record["outcome"] == "ok"
+
     def _keep_or_drop(self, entry: UrlEntry, staged: Staged, record: dict[str, Any]) -> None:
-        first = self.digests[entry.klass].get(staged.sha256)
-        if first is not None and first != entry.id:
-            if staged.temp:
-                os.unlink(staged.temp)  # our own temp copy of bytes already kept
-            record.update(outcome="duplicate", error=f"same bytes as {first}")
+        digest = staged.sha256
+        if digest not in self.placeholders and self._count(digest, entry.url):
+            self._declare_placeholder(digest, staged)
+        if digest in self.placeholders:
+            self._discard(staged)
+            record.update(outcome="placeholder",
+                          error=f"repeated body: the same bytes came for "
+                                f"{self._seen.get(digest, (0,))[0] or 'many'} URLs "
+                                f"(listed in {self.options.placeholders_path.name})")
+            return
+        first = self.kept[entry.klass].get(digest)
+        if first is not None and first.id != entry.id:
+            self._discard(staged)  # our own temp copy of bytes already kept
+            record.update(outcome="duplicate", error=f"same bytes as {first.id}")
+            self._duplicates[digest].append((entry.klass, _Kept(entry.id, entry.wnid,
+                                                                entry.url, "")))
             return
         assert staged.path is not None
         if staged.temp:
             os.replace(staged.temp, staged.path)
-        self.digests[entry.klass][staged.sha256] = entry.id
-        record["path"] = Path(staged.path).relative_to(self.options.out).as_posix()
+        path = Path(staged.path).relative_to(self.options.out).as_posix()
+        self.kept[entry.klass][digest] = _Kept(entry.id, entry.wnid, entry.url, path)
+        record["path"] = path
+
+    @staticmethod
+    def _discard(staged: Staged) -> None:
+        if staged.temp:
+            os.unlink(staged.temp)
+
+    def _count(self, digest: str, url: str) -> bool:
+        """Count one more URL for these bytes; True when that makes them a placeholder."""
+        count, first_url, several = self._seen.get(digest, (0, url, False))
+        count, several = count + 1, several or url != first_url
+        self._seen[digest] = (count, first_url, several)
+        after = self.options.placeholder_after
+        return bool(after) and count >= after and several
+
+    def _declare_placeholder(self, digest: str, staged: Staged) -> None:
+        """Remember the digest, then take back every copy kept so far."""
+        self.placeholders.add(digest)
+        self.placeholders_found += 1
+        with open(self.options.placeholders_path, "a", encoding="utf-8") as handle:
+            handle.write(f"{digest}\n")
+        sample = self.options.out / PLACEHOLDER_DIR / f"{digest}{Path(staged.path or '').suffix}"
+        taken_back = self._duplicates.pop(digest, [])
+        for klass, kept in self.kept.items():
+            image = kept.pop(digest, None)
+            if image is None:
+                continue
+            path = self.options.out / image.path
+            sample.parent.mkdir(exist_ok=True)
+            if path.exists():
+                os.replace(path, sample)  # identical bytes: one copy stays for inspection
+            self.ok_counts[klass] -= 1
+            taken_back.append((klass, image))
+        for klass, image in taken_back:
+            self._write(klass, {
+                "id": image.id, "wnid": image.wnid, "class": klass, "url": image.url,
+                "outcome": "placeholder", "final": True, "http_status": None,
+                "bytes": staged.size, "sha256": digest, "path": None,
+                "error": f"repeated body, found later (a copy is in {PLACEHOLDER_DIR}/)",
+                "attempts": 0, "seconds": 0.0})
+
+
+def read_placeholders(path: Path) -> set[str]:
+    """The digests a run found to be placeholders (one per line)."""
+    if not path.exists():
+        return set()
+    return {line.split()[0] for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()}
 
 
 def _files_by_stem(out: Path, classes: set[str]) -> dict[Path, Path]:
