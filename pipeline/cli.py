@@ -18,11 +18,13 @@ import click
 
 from pipeline import __version__, progress
 from pipeline.errors import InputError
+from pipeline.finetune.options import CACHE_DTYPES, PRECISIONS, SCHEDULES, FinetuneConfig
 from pipeline.gather.options import GatherOptions
 from pipeline.parallel import default_workers
 
 log = logging.getLogger("pipeline")
 GATHER = GatherOptions()  # the defaults, written once
+FINETUNE = FinetuneConfig(train=Path("."))
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 WORKERS_OPTION = click.option("--workers", type=click.IntRange(min=1), default=default_workers,
@@ -277,7 +279,7 @@ def layers(arch: str, freeze_until: str | None) -> None:
 @click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
               help="L2 on weights (not biases).")
-@click.option("--schedule", type=click.Choice(["step", "cosine", "plateau"]), default="step",
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=FINETUNE.schedule,
               show_default=True, help="step: /10 every --step-epochs; plateau: /10 when "
                                       "validation top-1 stops improving (the VGG paper's rule).")
 @click.option("--step-epochs", type=click.IntRange(min=1),
@@ -299,11 +301,23 @@ def layers(arch: str, freeze_until: str | None) -> None:
               default=Path("runs/finetune"), show_default=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+@click.option("--precision", type=click.Choice(PRECISIONS), default=FINETUNE.precision,
               show_default=True, help="bf16 autocast on CPU/GPU, fp16 (+grad scaling) on CUDA.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="NHWC memory format (faster convolutions on CPUs with oneDNN and on "
                    "tensor-core GPUs).")
+@click.option("--cache-features", is_flag=True,
+              help="Compute the frozen layers' output once per image and view, store it, and "
+                   "train the rest from it (much faster per epoch; see README).")
+@click.option("--cache-views", type=click.IntRange(min=1), default=FINETUNE.cache_views,
+              show_default=True,
+              help="Augmented views cached per training image (view 0: the centre crop); each "
+                   "epoch trains on one of them.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where caches live, shared by runs with the same key.  "
+                   "[default: .feature-cache/ beside the training data]")
+@click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default=FINETUNE.cache_dtype,
+              show_default=True, help="Storage type of cached features.")
 @click.option("--max-steps", type=click.IntRange(min=1), hidden=True)
 def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
              freeze_until: str, epochs: int, batch_size: int, lr: float, lr_mult: float,
@@ -311,6 +325,7 @@ def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
              label_smoothing: float, crop: int, resize: int,
              scale_jitter: tuple[int, int] | None, mean: str, workers: int, out: Path,
              resume: bool, seed: int, precision: str, channels_last: bool,
+             cache_features: bool, cache_views: int, cache_dir: Path | None, cache_dtype: str,
              max_steps: int | None) -> None:
     """Fine-tune a pretrained AlexNet/VGG with its lower layers frozen.
 
@@ -318,8 +333,7 @@ def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
     OUT/config.json and OUT/metrics.json. Works under `torchrun --nproc_per_node=N -m
     pipeline finetune ...` (DDP; gloo on CPU).
     """
-    from pipeline.train import FinetuneConfig
-    from pipeline.train import finetune as run_finetune
+    from pipeline.finetune import finetune as run_finetune
 
     config = FinetuneConfig(
         train=train_data, val=val_data, arch=arch, weights=weights,
@@ -329,7 +343,8 @@ def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
         label_smoothing=label_smoothing, crop=crop, resize=resize,
         jitter=tuple(scale_jitter) if scale_jitter else None, mean=mean, workers=workers,
         out=out, resume=resume, seed=seed, precision=precision, channels_last=channels_last,
-        max_steps=max_steps)
+        cache_features=cache_features, cache_views=cache_views, cache_dir=cache_dir,
+        cache_dtype=cache_dtype, max_steps=max_steps)
     metrics = run_finetune(config)
     if metrics:
         click.echo(json.dumps(metrics, indent=2))

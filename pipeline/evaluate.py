@@ -1,83 +1,24 @@
 """`pipeline evaluate` and `pipeline predict`: everything they need comes from the checkpoint.
 
-The same `evaluate_loader` runs the per-epoch validation inside `finetune`, so the accuracy a
-run logs and the accuracy `evaluate` reports are computed by one piece of code.
+Both evaluate through `metrics.evaluate_loader`, as `finetune`'s validation does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from pipeline.checkpoint import Normalization, inference_from
-from pipeline.data import EpochSampler, make_loader, open_images
+from pipeline.checkpoint import inference_from
+from pipeline.data import open_images
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_open, atomic_write_text
 from pipeline.images import ImageDecodeError, decode_image
-from pipeline.progress import Progress
-
-
-@dataclass
-class EvalResult:
-    top1: float = 0.0
-    top5: float = 0.0
-    loss: float = 0.0
-    count: int = 0
-    skipped: list[str] = field(default_factory=list)
-    confusion: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
-
-    def per_class_accuracy(self) -> np.ndarray:
-        totals = self.confusion.sum(axis=1)
-        return np.divide(np.diag(self.confusion), totals, out=np.zeros(len(totals)),
-                         where=totals > 0)
-
-
-def make_eval_loader(images: torch.utils.data.Dataset, batch_size: int,
-                     workers: int) -> torch.utils.data.DataLoader:
-    return make_loader(images, EpochSampler(len(images), shuffle=False),
-                       batch_size=batch_size, workers=workers)
-
-
-@torch.no_grad()
-def evaluate_loader(model: nn.Module, loader: torch.utils.data.DataLoader,
-                    normalization: Normalization, device: torch.device, num_classes: int,
-                    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                    label: str = "evaluate") -> EvalResult:
-    """Top-1, top-5 (top-k for fewer classes), mean loss and the confusion matrix."""
-    was_training = model.training
-    model.eval()
-    result = EvalResult(confusion=np.zeros((num_classes, num_classes), np.int64))
-    loss_sum, hits1, hits5 = 0.0, 0, 0
-    k = min(5, num_classes)
-    progress = Progress(label, total=len(loader))
-    for batch in loader:
-        result.skipped += batch.skipped
-        progress.update()
-        if len(batch.labels) == 0:
-            continue
-        labels = batch.labels.to(device)
-        with autocast() if autocast else contextlib.nullcontext():
-            logits = model(normalization(batch.images.to(device))).float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(k, dim=1).indices
-        hits1 += int((top[:, 0] == labels).sum())
-        hits5 += int((top == labels[:, None]).any(dim=1).sum())
-        np.add.at(result.confusion, (labels.cpu().numpy(), top[:, 0].cpu().numpy()), 1)
-        result.count += len(labels)
-    progress.close()
-    model.train(was_training)
-    if result.count:
-        result.top1, result.top5 = hits1 / result.count, hits5 / result.count
-        result.loss = loss_sum / result.count
-    return result
+from pipeline.metrics import EvalResult, evaluate_loader, make_eval_loader
 
 
 def default_device() -> torch.device:

@@ -46,3 +46,15 @@ def make_dataset(root: Path, classes: int = 3, per_class: int = 10) -> dict[str,
                 path = write_image(root / wnid / f"{wnid}_{i}.jpg", seed, size=(64 + i * 7, 90))
             made[wnid].append(path)
     return made
+
+
+def colour_dataset(root: Path, per_class: int = 16) -> None:
+    """Three classes a CNN learns in a few steps: noisy red, green and blue images."""
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        folder = root / f"n0000000{c + 1}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, (80, 80, 3))
+            pixels[..., c] += 150
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img_{i}.jpg", quality=90)

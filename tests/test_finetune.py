@@ -7,33 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 from pipeline.checkpoint import load as load_checkpoint
 from pipeline.errors import InputError
 from pipeline.evaluate import evaluate_checkpoint, predict
+from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.manifest import label, read_manifest
 from pipeline.models import build_model, imagenet_weights_file
 from pipeline.pack import pack
-from pipeline.train import FinetuneConfig, finetune
+
+from imagefiles import colour_dataset
 
 SMALL = {"crop": 64, "resize": 72, "batch_size": 8, "workers": 0}
-
-
-def colour_dataset(root: Path, per_class: int = 16) -> None:
-    """Three classes a CNN learns in a few steps: noisy red, green and blue images."""
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        folder = root / f"n0000000{c + 1}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 90, (80, 80, 3))
-            pixels[..., c] += 150
-            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img_{i}.jpg", quality=90)
 
 
 @pytest.fixture(scope="module")
