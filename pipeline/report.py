@@ -99,7 +99,21 @@ def _summary_section(run: RunInfo, others: list[RunInfo]) -> str:
     if others:
         gaps = ", ".join(f"{run.best_top1 - o.best_top1:+.1%} vs {o.name}" for o in others)
         verdict = f"<p><b>{html.escape(run.name)}</b>: {html.escape(gaps)} (best val top-1).</p>"
-    return "<h2>Runs</h2>" + _table(rows) + verdict
+    return "<h2>Runs</h2>" + _table(rows) + verdict + _cache_note(run)
+
+
+def _cache_note(run: RunInfo) -> str:
+    """Whether the frozen-trunk feature cache was used, and what it saved."""
+    metrics_path = run.folder / "metrics.json"
+    cache = (json.loads(metrics_path.read_text(encoding="utf-8")).get("feature_cache")
+             if metrics_path.exists() else None)
+    if not cache:
+        return "<p>Feature cache: not used (every epoch ran the frozen layers).</p>"
+    how = ("reused from an earlier run" if cache["reused"]
+           else f"built in {cache['build_seconds']:.0f} s")
+    return (f"<p>Feature cache: used ({cache['views']} views per image, {cache['dtype']}, "
+            f"{cache['bytes'] / 2**20:.0f} MB, {html.escape(how)}); the frozen layers' work "
+            f"it saved this run: about {cache['trunk_seconds_saved_estimate']:.0f} s.</p>")
 
 
 def _curves_section(runs: list[RunInfo], out: Path) -> str:
@@ -176,6 +190,12 @@ def _gather_section(journal: Path, out: Path) -> str:
             + _save_figure(figure, "What happened to every URL", "gather.png", out))
 
 
+def _labels_near(data: Path) -> list[Any]:
+    """The label map behind a manifest or a pack, or nothing when it cannot be found."""
+    folder = _manifest_dir(data)
+    return read_labels(folder) if (folder / "labels.txt").exists() else []
+
+
 def _manifest_dir(train: Path) -> Path:
     """The manifests folder behind the training data (a manifest, or a pack that names one)."""
     if train.suffix.lower() in (".h5", ".hdf5"):
@@ -206,10 +226,19 @@ def _evaluation_sections(run: RunInfo, out: Path) -> list[str]:
     if not fresh:
         evaluate_checkpoint(best, Path(val), evaluation, workers=0)
     result = json.loads((evaluation / "eval.json").read_text(encoding="utf-8"))
+    per_class = result.get("per_class_top1", {})
+    # With five classes or fewer top-5 is always 100%: it says nothing, so it is not shown.
+    top5 = f", top-5 {result['top5']:.1%}" if len(per_class) > 5 else ""
+    names = {c.wnid: c.name.split(",")[0] for c in _labels_near(Path(val))}
+    rows = [["class", "name", "top-1"]] + [[wnid, names.get(wnid, ""), f"{accuracy:.1%}"]
+                                          for wnid, accuracy in per_class.items()]
     sections = [f"<h2>Evaluation of best.pt on {html.escape(str(val))}</h2>"
-                f"<p>{result['images']} images: top-1 {result['top1']:.1%}, "
-                f"top-5 {result['top5']:.1%}, loss {result['loss']:.3f}</p>",
-                _figure("Confusion matrix", evaluation / "confusion.png", "", out)]
+                f"<p>{result['images']} images: top-1 {result['top1']:.1%}{top5}, "
+                f"loss {result['loss']:.3f}</p>",
+                "<div style='display:flex;gap:2em;align-items:flex-start'>"
+                + _table(rows)
+                + _figure("Confusion matrix", evaluation / "confusion.png", "", out)
+                + "</div>"]
     manifest = read_manifest(Path(val)) if Path(val).suffix not in (".h5", ".hdf5") else None
     if manifest is None:
         return sections

@@ -25,6 +25,7 @@ from pipeline.finetune.optim import make_optimizer
 from pipeline.manifest import label
 from pipeline.models import build_model, freeze, frozen_layers, layer_table, train_mode
 from pipeline.preprocess import InputSpec
+from pipeline.report import build_report
 
 from imagefiles import colour_dataset
 
@@ -198,6 +199,10 @@ def test_resume_from_the_cache_is_exact_and_the_model_needs_no_cache(dataset, we
     metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     assert result.top1 == pytest.approx(metrics["best_val_top1"], abs=1 / result.count + 1e-9)
     assert metrics["best_val_top1"] > 0.5  # three colours: it learns
+    page = build_report(tmp_path / "whole").read_text()
+    assert "Feature cache: used (3 views per image" in page
+    assert "top-5" not in page  # three classes: top-5 would always be 100%
+    assert all(f"<td>n0000000{c}</td>" in page for c in (1, 2, 3))  # per-class accuracy
 
 
 def test_frozen_batchnorm_keeps_its_statistics_with_the_cache(dataset, tmp_path):
