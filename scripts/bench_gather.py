@@ -1,21 +1,53 @@
 #!/usr/bin/env python3
 """Benchmark `pipeline gather` against img2dataset 1.47.0 on the same URLs, same server, same run.
 
-The claim to check: on a list where a fifth of the URLs are dead and some hang past the timeout,
-our one-URL-at-a-time worker pool turns out >= 2x img2dataset's good images/s (the issue puts
-img2dataset at ~580/s, its shards waiting for their slowest URL). Both clients are whole
-commands (start-up included) run one after the other as subprocesses against one local mirror
-(`serve_sample.py`), which runs in a process of its own so it shares a GIL with neither.
-Also times `urllist.select_urls` over a 10-million-line `fall11_urls.txt`-style list.
+The claim to check: ours turns out >= 2x img2dataset's good images/s (the issue puts img2dataset
+at ~580/s, its shards waiting for their slowest URL). Two scenarios (`--scenario`, default both),
+each with its own summary line:
 
-    python scripts/bench_gather.py [--urls 10000] [--workdir DIR] [--skip-img2dataset]
-                                   [--repeat 1] [--shard-size 10000] [--img2dataset-venv DIR]
-                                   [--filter-lines 10000000] [--max-other-load 0.10]
-                                   [--quiet-wait 120]
+- `mirror`: one host (`serve_sample.py`), a fifth of the URLs failing per path, 4% hanging past
+  the 3 s timeout; both clients with the issue's flags (256 in flight, timeout 3 s, no retries;
+  ours also --per-host 256, as there is one host).
+- `hosts`: shaped like the real ImageNet list: `--hosts` (300) hosts of `serve_web.py`, each on
+  its own 127.x address, the URLs spread Zipf-like over them (a few big hosts hold most URLs);
+  a third of the hosts refuse connections, 5% drop them (blackhole), 3% trickle, 5% answer
+  every path with an HTML "not found" page (soft404), 4% with one "image not found" JPEG
+  (placeholder), the rest are alive with the mirror scenario's per-path failure mix (MIX,
+  `slow` included: a live server's hung URLs must not take the host down). The real web's
+  DNS-dead hosts (`dns_dead`) are folded into `refusing`: img2dataset would send their DNS
+  queries to the machine's configured nameserver, and this benchmark only ever sends traffic
+  to 127.0.0.0/8. Trickle hosts send a byte every TRICKLE_EVERY = 5 s, above img2dataset's
+  3 s read timeout: at serve_web.py's default of one byte every 2 s, img2dataset (urllib,
+  whose timeout bounds each read, not the body) never finishes such a URL and its run never
+  ends. No `endless` hosts, for the same reason. img2dataset gets IP-literal URLs and the
+  same flags as in `mirror`; ours runs with its *default* options (what users run: per-host
+  limit, timeouts, retries, host health all as shipped) and hostname URLs mapped with one
+  `--resolve HOST:PORT:ADDR` per host (~35 bytes each, ~11 KB of argv for 300 hosts), so no
+  DNS query is ever sent. A placeholder host's picture counted as a good image is a "kept
+  placeholder": for ours an ok record (the last one of its id: gather journals an id again
+  when it takes an image back) whose sha256 is in `WebLayout.placeholder_digests()`; for
+  img2dataset, which re-encodes every image so no file keeps those bytes, a success whose URL
+  is on a placeholder host (its per-image .json). Good images exclude them; the target also
+  asks for none kept.
 
-The box may be shared: before each timed command the script waits (up to --quiet-wait s) until
-other processes use <= --max-other-load of the cores, and prints the share they took meanwhile
-("other load"); figures from a disturbed run say so.
+Also times `urllist.select_urls` over a 10-million-line `fall11_urls.txt`-style list (skip
+with --filter-lines 0).
+
+    python scripts/bench_gather.py [--scenario both|mirror|hosts] [--urls 10000] [--hosts 300]
+                                   [--repeat 3] [--max-tries 9] [--max-other-load 0.10]
+                                   [--quiet-wait 120] [--run-timeout 600] [--workdir DIR]
+                                   [--skip-img2dataset] [--img2dataset-venv DIR]
+                                   [--shard-size 10000] [--filter-lines 10000000]
+
+Reporting rule: a ratio measured under foreign load is not a result. Both clients run back to
+back as a pair (alternating who goes first), each pair gives one ratio, and the reported ratio
+is the median over `--repeat` (default 3) *quiet* pairs. Before each command the script waits
+(up to --quiet-wait s) until other processes use <= --max-other-load of the cores; a pair
+during which they used more ("other load", measured by benchlib over each command) is printed,
+discarded and run again, at most --max-tries pairs in all. If that many tries do not give the
+quiet pairs wanted, the scenario reports NO RESULT (loudly, and in its summary line) instead
+of a ratio. Every command has a time limit (--run-timeout; the whole process tree is killed
+past it) and the servers stop by themselves even if this script dies.
 
 Run it with the project's venv python. img2dataset is installed, if missing, into its own venv
 (--img2dataset-venv, default /work/bench-venvs/img2dataset) so its dependencies never touch ours.
@@ -29,19 +61,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
 import selectors
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -49,8 +83,9 @@ REPO = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
 
 import benchlib  # noqa: E402
-from benchlib import Quiet, Run  # noqa: E402
+from benchlib import CommandTimeout, Quiet, Run  # noqa: E402
 from make_sample import build_url_list, make_sample  # noqa: E402
+from serve_web import WebLayout, build_web_url_list, serve_web_process  # noqa: E402
 
 I2D_VERSION = "1.47.0"
 DEFAULT_I2D_VENV = Path("/work/bench-venvs/img2dataset")
@@ -63,8 +98,16 @@ PROCESSES = 2
 # `slow` answers after 30 s: 4% of the URLs hang past the 3 s timeout.
 MIX: dict[str, float] = {"slow": 0.04, "404": 0.06, "410": 0.02, "500": 0.02, "403": 0.02,
                          "reset": 0.02, "html": 0.01, "mislabeled": 0.01}
+# The hosts scenario: shares of hosts (serve_web.py behaviours). serve_web's DEFAULT_HOST_MIX
+# has dns_dead 18% + refusing 8%; here all of that (and a little more) refuses, see above.
+HOST_MIX: dict[str, float] = {"alive": 0.50, "refusing": 0.33, "blackhole": 0.05,
+                              "trickle": 0.03, "soft404": 0.05, "placeholder": 0.04}
+HOSTS = 300
+TRICKLE_EVERY = 5.0  # > TIMEOUT, or img2dataset never finishes a trickle URL
 SAMPLE_FILES = 300  # distinct pictures; further URLs reuse them with distinct bytes (/uniq/)
 TARGET_RATIO = 2.0
+REPEAT = 3
+MIN_PAIRS = 3  # the reporting rule: fewer quiet pairs than this is no result
 FILTER_LINES = 10_000_000
 FILTER_PER_SYNSET = 1000
 FILTER_TARGET_LPS = 1_000_000
@@ -72,6 +115,9 @@ FILTER_TARGET_MB = 200
 FILTER_REPEAT = 3
 SERVER_START_SECONDS = 30.0
 INODE_SETTLE_SECONDS = 65  # see clear_outputs
+RUN_TIMEOUT = 600.0
+SCENARIOS = ("mirror", "hosts")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -83,17 +129,17 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
 
 
-# --------------------------------------------------------------------------- the mirror
+# --------------------------------------------------------------------------- the servers
 
 @dataclass
-class Mirror:
+class MirrorServer:
     base_url: str
     process: subprocess.Popen[bytes]
 
 
 @contextlib.contextmanager
 def mirror_process(root: Path, latency: float, max_seconds: float,
-                   log: Path) -> Iterator[Mirror]:
+                   log: Path) -> Iterator[MirrorServer]:
     """serve_sample.py in its own process on a free port; stopped (SIGTERM, then kill) on exit.
 
     Its own --max-seconds bounds it even if this script dies without cleaning up.
@@ -104,7 +150,7 @@ def mirror_process(root: Path, latency: float, max_seconds: float,
     with open(log, "wb") as errors:
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
     try:
-        yield Mirror(_wait_until_serving(process, log), process)
+        yield MirrorServer(_wait_until_serving(process, log), process)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -127,6 +173,109 @@ def _wait_until_serving(process: subprocess.Popen[bytes], log: Path) -> str:
     return line.split(" ", 1)[1]
 
 
+@dataclass
+class Setup:
+    """One scenario, served: the lists and arguments both clients need, and its description."""
+
+    name: str
+    helper_pid: int  # the server process: its CPU is ours, not other load
+    wnid: str
+    ours_list: Path  # fall11-style, for ours
+    plain_list: Path  # one URL a line, for img2dataset
+    ours_args: list[str]  # options after --urls/--wnid/--out
+    _: KW_ONLY
+    placeholders: set[str] = field(default_factory=set)  # sha256 of placeholder pictures
+    placeholder_hosts: set[str] = field(default_factory=set)  # their NAME:PORT and ADDR:PORT
+    about: str = ""  # header lines
+
+
+def write_plain(fall11: Path, plain: Path) -> None:
+    """The URLs of a fall11-style list, one per line, for img2dataset's txt input."""
+    lines = fall11.read_text(encoding="utf-8").splitlines()
+    plain.write_text("".join(line.split("\t", 1)[1] + "\n" for line in lines), encoding="utf-8")
+
+
+def server_budget(args: argparse.Namespace, quiet: Quiet) -> float:
+    """Seconds a server may live: every try of a pair at its time limits, and then some."""
+    return 300 + args.max_tries * 2 * (args.run_timeout + quiet.max_wait + 30)
+
+
+@contextlib.contextmanager
+def mirror_scenario(args: argparse.Namespace, workdir: Path, sample: Path, wnid: str,
+                    quiet: Quiet) -> Iterator[Setup]:
+    with mirror_process(sample, LATENCY, server_budget(args, quiet),
+                        workdir / "mirror.log") as mirror:
+        ours = workdir / "urls.txt"
+        build_url_list(sample, mirror.base_url, ours, wnids=[wnid], per_synset=args.urls,
+                       mix=MIX, malformed=0)
+        plain = workdir / "urls-img2dataset.txt"
+        write_plain(ours, plain)
+        mix = ", ".join(f"{kind} {share:.0%}" for kind, share in MIX.items())
+        about = (f"{args.urls} URLs of one synset via serve_sample.py (own process, --latency "
+                 f"{LATENCY:g}); failing mix: {mix}\n"
+                 f"both clients: {CONCURRENCY} in flight, timeout {TIMEOUT} s, no retries; "
+                 f"ours --per-host {CONCURRENCY}; img2dataset: {PROCESSES} processes, "
+                 f"{args.shard_size} URLs per shard")
+        yield Setup("mirror", mirror.process.pid, wnid, ours, plain,
+                    ["--concurrency", str(CONCURRENCY), "--per-host", str(CONCURRENCY),
+                     "--timeout", str(TIMEOUT), "--retries", "0"], about=about)
+
+
+@contextlib.contextmanager
+def hosts_scenario(args: argparse.Namespace, workdir: Path, sample: Path, wnid: str,
+                   quiet: Quiet) -> Iterator[Setup]:
+    with open(workdir / "web.log", "wb") as log, serve_web_process(
+            sample, args.hosts, mix=HOST_MIX, latency=LATENCY,
+            max_seconds=server_budget(args, quiet), trickle_every=TRICKLE_EVERY,
+            stderr=log) as web_:
+        ours = workdir / "urls-hosts.txt"
+        expected = build_web_url_list(sample, web_, ours, wnids=[wnid], per_synset=args.urls,
+                                      per_path_mix=MIX, malformed=0)
+        literal = workdir / "urls-hosts-ip.txt"
+        build_web_url_list(sample, web_, literal, wnids=[wnid], per_synset=args.urls,
+                           per_path_mix=MIX, malformed=0, ip_literal=True)
+        ids = [line.split("\t", 1)[0] for line in ours.read_text().splitlines()]
+        if ids != [line.split("\t", 1)[0] for line in literal.read_text().splitlines()]:
+            sys.exit("the hostname and IP-literal lists differ in their ids")
+        plain = workdir / "urls-hosts-img2dataset.txt"
+        write_plain(literal, plain)
+        resolve = [arg for item in web_.resolve_args() for arg in ("--resolve", item)]
+        netlocs = {f"{netloc}:{web_.port}" for host in web_.hosts
+                   if host.behaviour == "placeholder" for netloc in (host.name, host.address)}
+        yield Setup("hosts", web_.process.pid, wnid, ours, plain, resolve,
+                    placeholders=web_.placeholder_digests(), placeholder_hosts=netlocs,
+                    about=hosts_about(args, web_, ours, expected))
+    stats = web_.final_stats or {}
+    drops = sum(entry.get("syn_drops", 0) for entry in stats.values())
+    print(f"  (serve_web.py stopped; blackhole SYN drops over all runs: {drops})")
+
+
+def hosts_about(args: argparse.Namespace, web_: WebLayout, urls: Path,
+                expected: dict[str, str]) -> str:
+    hosts = Counter(host.behaviour for host in web_.hosts)
+    per_host: Counter[str] = Counter()
+    for line in urls.read_text(encoding="utf-8").splitlines():
+        per_host[line.split("://", 1)[1].split(":", 1)[0]] += 1
+    behaviour_urls: Counter[str] = Counter()
+    for name, count in per_host.items():
+        behaviour_urls[web_.host(name).behaviour] += count
+    biggest = ", ".join(f"{count}" for _, count in per_host.most_common(5))
+    mix = ", ".join(f"{kind} {share:.0%}" for kind, share in MIX.items())
+    return (
+        f"{args.urls} URLs of one synset over {len(web_.hosts)} hosts of serve_web.py (own "
+        f"process, --latency {LATENCY:g}, trickle 1 byte / {TRICKLE_EVERY:g} s), Zipf-spread\n"
+        "hosts: " + ", ".join(f"{b} {n}" for b, n in hosts.most_common()) + "\n"
+        "URLs by host behaviour: "
+        + ", ".join(f"{b} {n}" for b, n in behaviour_urls.most_common())
+        + f"; biggest hosts {biggest} URLs\n"
+        f"per-path failing mix on alive hosts: {mix}\n"
+        "what a correct client records: "
+        + ", ".join(f"{o} {n}" for o, n in Counter(expected.values()).most_common()) + "\n"
+        f"ours: default options, hostname URLs + {len(web_.resolve_args())} --resolve; "
+        f"img2dataset: IP-literal URLs, {CONCURRENCY} threads, timeout {TIMEOUT} s, no retries, "
+        f"{PROCESSES} processes, {args.shard_size} URLs per shard")
+
+
 # --------------------------------------------------------------------------- the two clients
 
 @dataclass
@@ -134,25 +283,19 @@ class ClientResult:
     name: str
     run: Run
     urls: int
-    good: int
+    ok: int  # images the client kept, placeholders included
     outcomes: Counter[str]
+    placeholders: int = 0  # kept images whose bytes are a placeholder host's picture
     url_seconds: list[float] = field(default_factory=list)
     note: str = ""
 
     @property
+    def good(self) -> int:
+        return self.ok - self.placeholders
+
+    @property
     def good_per_second(self) -> float:
         return self.good / self.run.seconds
-
-
-def write_lists(sample: Path, wnid: str, base_url: str, workdir: Path,
-                urls: int) -> tuple[Path, Path]:
-    """One fall11-style list for ours and the same URLs, one per line, for img2dataset."""
-    ours = workdir / "urls.txt"
-    build_url_list(sample, base_url, ours, wnids=[wnid], per_synset=urls, mix=MIX, malformed=0)
-    plain = workdir / "urls-img2dataset.txt"
-    lines = ours.read_text(encoding="utf-8").splitlines()
-    plain.write_text("".join(line.split("\t", 1)[1] + "\n" for line in lines), encoding="utf-8")
-    return ours, plain
 
 
 def fresh_output(out: Path) -> None:
@@ -171,7 +314,8 @@ def clear_outputs(runs_dir: Path, settle: bool) -> None:
     new ones, scanning the inode table: right after deleting 10,000+ files, creating files
     costs seconds of system time (perf: `recently_deleted`, and `rwsem_spin_on_owner` in
     rename/open as writers queue on the directory lock). So each run writes to a new folder,
-    all are deleted at the end, and leftovers found at start-up are deleted, then waited out.
+    all are deleted after each scenario, and leftovers found at start-up are deleted; before
+    more timed runs, the deletion is waited out.
     """
     if not runs_dir.exists():
         return
@@ -183,17 +327,39 @@ def clear_outputs(runs_dir: Path, settle: bool) -> None:
         time.sleep(INODE_SETTLE_SECONDS)
 
 
-def run_ours(urls: Path, wnid: str, out: Path, mirror: Mirror, log: Path) -> ClientResult:
+def run_ours(setup: Setup, out: Path, log: Path, timeout: float) -> ClientResult:
     """`pipeline gather` from an empty output folder (a journal left over would resume)."""
     fresh_output(out)
-    argv = [sys.executable, "-m", "pipeline", "-q", "gather", "--urls", str(urls),
-            "--wnid", wnid, "--out", str(out), "--concurrency", str(CONCURRENCY),
-            "--per-host", str(CONCURRENCY), "--timeout", str(TIMEOUT), "--retries", "0"]
-    run = benchlib.run_measured(argv, log, cwd=REPO, helper_pid=mirror.process.pid)
-    records = [json.loads(line) for line in (out / "gather.jsonl").open(encoding="utf-8")]
+    argv = [sys.executable, "-m", "pipeline", "-q", "gather", "--urls", str(setup.ours_list),
+            "--wnid", setup.wnid, "--out", str(out), *setup.ours_args]
+    run = benchlib.run_measured(argv, log, cwd=REPO, helper_pid=setup.helper_pid,
+                                timeout=timeout)
+    lines = [json.loads(line) for line in (out / "gather.jsonl").open(encoding="utf-8")]
+    # The journal is append-only and the last record of an id is its outcome: gather journals
+    # an id again when it takes an image back (a mass placeholder found later).
+    last = {record["id"]: record for record in lines}
+    records = list(last.values())
     outcomes = Counter(record["outcome"] for record in records)
+    placeholders = sum(record["outcome"] == "ok" and record["sha256"] in setup.placeholders
+                       for record in records)
+    notes = []
+    if len(lines) > len(records):
+        notes.append(f"{len(lines) - len(records)} journal lines superseded by a later record "
+                     "of the same id")
+    if setup.placeholders:
+        on_disk = count_placeholder_files(out / setup.wnid, setup.placeholders)
+        notes.append(f"placeholder pictures in {setup.wnid}/ on disk: {on_disk}")
+    # `seconds` of the first record of an id (a take-back record says 0.0).
+    seconds = {record["id"]: record["seconds"] for record in reversed(lines)}
     return ClientResult("pipeline gather", run, len(records), outcomes["ok"], outcomes,
-                        [record["seconds"] for record in records])
+                        placeholders, list(seconds.values()), "; ".join(notes))
+
+
+def count_placeholder_files(folder: Path, digests: set[str]) -> int:
+    """Image files under `folder` whose bytes are one of the placeholder pictures."""
+    return sum(hashlib.sha256(path.read_bytes()).hexdigest() in digests
+               for path in folder.rglob("*")
+               if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
 
 
 def ensure_img2dataset(venv: Path) -> Path:
@@ -212,28 +378,166 @@ def ensure_img2dataset(venv: Path) -> Path:
     return exe
 
 
-def run_img2dataset(exe: Path, urls: Path, out: Path, shard_size: int,
-                    mirror: Mirror, log: Path) -> ClientResult:
+def run_img2dataset(exe: Path, setup: Setup, out: Path, shard_size: int, log: Path,
+                    timeout: float) -> ClientResult:
     """The anchor with the issue's flags; its per-shard *_stats.json give the counts."""
     fresh_output(out)
-    argv = [str(exe), "--url_list", str(urls), "--input_format", "txt",
+    argv = [str(exe), "--url_list", str(setup.plain_list), "--input_format", "txt",
             "--output_folder", str(out), "--processes_count", str(PROCESSES),
             "--thread_count", str(CONCURRENCY), "--timeout", str(TIMEOUT), "--retries", "0",
             "--resize_mode", "no", "--output_format", "files",
             "--number_sample_per_shard", str(shard_size)]
     env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    run = benchlib.run_measured(argv, log, cwd=REPO, env=env, helper_pid=mirror.process.pid)
+    run = benchlib.run_measured(argv, log, cwd=REPO, env=env, helper_pid=setup.helper_pid,
+                                timeout=timeout)
     shards = [json.loads(path.read_text()) for path in sorted(out.glob("*_stats.json"))]
     outcomes: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
     for shard in shards:
         outcomes["success"] += shard["successes"]
         outcomes["failed_to_download"] += shard["failed_to_download"]
         outcomes["failed_to_resize"] += shard["failed_to_resize"]
+        errors.update({_short_error(key): count
+                       for key, count in shard.get("status_dict", {}).items()
+                       if key != "success"})
+    placeholders = count_i2d_placeholders(out, setup.placeholder_hosts)
     durations = [shard["duration"] for shard in shards]
     note = (f"{len(shards)} shard(s) of <= {shard_size} URLs, shard seconds "
             f"{min(durations):.1f}..{max(durations):.1f}" if durations else "no shard stats")
+    if errors:
+        note += "; errors: " + ", ".join(f"{key} {n}" for key, n in errors.most_common(6))
     return ClientResult(f"img2dataset {I2D_VERSION}", run, sum(s["count"] for s in shards),
-                        outcomes["success"], outcomes, [], note)
+                        outcomes["success"], outcomes, placeholders, [], note)
+
+
+def count_i2d_placeholders(out: Path, netlocs: set[str]) -> int:
+    """img2dataset's successes from placeholder hosts, from the `<key>.json` it writes beside
+    each image. Not by sha256: it re-encodes every image (cv2, even with --resize_mode no), so
+    its files never have the placeholder's bytes."""
+    if not netlocs:
+        return 0
+    kept = 0
+    for path in out.rglob("*.json"):
+        if path.name.endswith("_stats.json"):
+            continue
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        url = str(meta.get("url") or "")
+        kept += (meta.get("status") == "success"
+                 and url.split("://", 1)[-1].split("/", 1)[0] in netlocs)
+    return kept
+
+
+def _short_error(message: str) -> str:
+    """img2dataset's status keys are whole exception texts: keep their gist."""
+    message = " ".join(message.split())
+    return message if len(message) <= 48 else message[:45] + "..."
+
+
+# --------------------------------------------------------------------------- quiet pairs
+
+@dataclass
+class Pair:
+    """One try: both clients back to back (`order`), or none when the box never calmed down."""
+
+    number: int
+    order: list[str]
+    results: dict[str, ClientResult]
+    other_load: float  # the larger of the two commands' other load (or the last quiet check)
+    kept: bool
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if "ours" not in self.results or "img2dataset" not in self.results:
+            return None
+        return (self.results["ours"].good_per_second
+                / max(self.results["img2dataset"].good_per_second, 1e-9))
+
+
+@dataclass
+class Scenario:
+    setup: Setup
+    pairs: list[Pair]
+    wanted: int
+    failure: str = ""  # why there is no result beyond too few quiet pairs (a time limit)
+
+    @property
+    def kept(self) -> list[Pair]:
+        return [pair for pair in self.pairs if pair.kept]
+
+    @property
+    def complete(self) -> bool:
+        return not self.failure and len(self.kept) >= self.wanted
+
+    def median_ratio(self) -> float | None:
+        ratios = [pair.ratio for pair in self.kept if pair.ratio is not None]
+        return statistics.median(ratios) if ratios else None
+
+    def median_pair(self) -> Pair | None:
+        """The kept pair at the median: of its ratio, or (ours alone) of ours' good images/s;
+        the lower middle one for an even count."""
+        def key(pair: Pair) -> float:
+            ratio = pair.ratio
+            return ratio if ratio is not None else pair.results["ours"].good_per_second
+        kept = sorted(self.kept, key=key)
+        return kept[(len(kept) - 1) // 2] if kept else None
+
+
+def pair_line(pair: Pair, max_other: float) -> str:
+    head = f"  pair {pair.number} ({' then '.join(pair.order)}): "
+    if not pair.results:
+        return head + f"DISCARDED, not run: {pair.note}"
+    runs = ", ".join(f"{client} {result.good_per_second:.0f} good img/s in "
+                     f"{result.run.seconds:.1f} s (other load {result.run.other_load:.0%})"
+                     for client, result in pair.results.items())
+    ratio = f" -> {pair.ratio:.2f}x" if pair.ratio is not None else ""
+    verdict_ = ("kept" if pair.kept else
+                pair.note or f"DISCARDED (other load {pair.other_load:.0%} > {max_other:.0%})")
+    return head + runs + ratio + f"; {verdict_}"
+
+
+def bench_pairs(args: argparse.Namespace, setup: Setup, exe: Path | None, quiet: Quiet,
+                runs_dir: Path, workdir: Path) -> Scenario:
+    """Pairs until `--repeat` quiet ones are had or `--max-tries` are spent; who goes first
+    alternates with every try so neither always meets a warmer (or more tired) server."""
+    scenario = Scenario(setup, [], args.repeat)
+    clients = ["ours"] if exe is None else ["ours", "img2dataset"]
+    for number in range(1, args.max_tries + 1):
+        if len(scenario.kept) >= args.repeat:
+            break
+        order = clients if number % 2 else clients[::-1]
+        share = benchlib.wait_for_quiet(quiet, setup.helper_pid)
+        if share > quiet.max_other:
+            pair = Pair(number, order, {}, share, False,
+                        f"other load {share:.0%} > {quiet.max_other:.0%} after waiting "
+                        f"{quiet.max_wait:g} s")
+            scenario.pairs.append(pair)
+            print(pair_line(pair, quiet.max_other), flush=True)
+            continue
+        results: dict[str, ClientResult] = {}
+        for position, client in enumerate(order):
+            if position:  # back to back, but not into a stranger's burst
+                benchlib.wait_for_quiet(quiet, setup.helper_pid)
+            out = runs_dir / f"{setup.name}-{number}-{client}"
+            try:
+                if client == "ours":
+                    results[client] = run_ours(setup, out, workdir / f"ours-{setup.name}.log",
+                                               args.run_timeout)
+                else:
+                    assert exe is not None
+                    results[client] = run_img2dataset(
+                        exe, setup, out, args.shard_size,
+                        workdir / f"img2dataset-{setup.name}.log", args.run_timeout)
+            except CommandTimeout:
+                scenario.failure = (f"{client} did not finish within {args.run_timeout:g} s "
+                                    f"in pair {number} (killed; see its log in {workdir})")
+                print(f"  pair {number}: {scenario.failure}", flush=True)
+                return scenario
+        load = max(result.run.other_load for result in results.values())
+        pair = Pair(number, order, results, load, load <= quiet.max_other)
+        scenario.pairs.append(pair)
+        print(pair_line(pair, quiet.max_other), flush=True)
+    return scenario
 
 
 # --------------------------------------------------------------------------- URL-list filtering
@@ -332,12 +636,14 @@ def bench_filter(path: Path, wnids: list[str], log: Path) -> FilterResult:
 # --------------------------------------------------------------------------- reporting
 
 def client_table(results: list[ClientResult]) -> str:
-    rows = [["client", "URLs", "good", "seconds", "good img/s", "p50 s/URL", "p95 s/URL",
-             "CPU s", "max RSS MB", "peak PSS MB", "server CPU s", "other load"]]
+    rows = [["client", "URLs", "ok", "placeholders kept", "good", "seconds", "good img/s",
+             "p50 s/URL", "p95 s/URL", "CPU s", "max RSS MB", "peak PSS MB", "server CPU s",
+             "other load"]]
     for result in results:
         times = result.url_seconds
-        rows.append([result.name, str(result.urls), str(result.good),
-                     f"{result.run.seconds:.1f}", f"{result.good_per_second:.0f}",
+        rows.append([result.name, str(result.urls), str(result.ok), str(result.placeholders),
+                     str(result.good), f"{result.run.seconds:.1f}",
+                     f"{result.good_per_second:.0f}",
                      f"{percentile(times, 0.50):.3f}" if times else "n/a",
                      f"{percentile(times, 0.95):.3f}" if times else "n/a",
                      f"{result.run.cpu_seconds:.1f}", f"{result.run.max_rss_mb:.0f}",
@@ -365,19 +671,84 @@ def verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
-def summary_line(urls: int, ours: ClientResult, anchor: ClientResult | None,
-                 flt: FilterResult) -> str:
-    if anchor is None:
-        gather = f"ours {ours.good_per_second:.0f} good img/s (img2dataset skipped)"
+def no_result(scenario: Scenario) -> str:
+    """Why a scenario has no ratio to report ("" when it has one)."""
+    if scenario.failure:
+        return f"NO RESULT: {scenario.failure}"
+    if scenario.complete:
+        return ""
+    loads = ", ".join(f"{pair.other_load:.0%}" for pair in scenario.pairs if not pair.kept)
+    return (f"NO RESULT: only {len(scenario.kept)} of {scenario.wanted} quiet pairs wanted in "
+            f"{len(scenario.pairs)} tries (other load of the discarded: {loads}); a ratio "
+            "measured under foreign load is not a result, re-run on a quiet machine")
+
+
+def report(scenario: Scenario) -> None:
+    """The median pair's table and outcomes, and the median ratio (or why there is none)."""
+    pair = scenario.median_pair()
+    print()
+    if pair is not None:
+        chosen = [pair.results[client] for client in ("ours", "img2dataset")
+                  if client in pair.results]
+        print(f"the median pair (pair {pair.number}) of {len(scenario.kept)} quiet one(s):")
+        print(client_table(chosen))
+        print("outcomes:")
+        print("\n".join(outcome_lines(chosen)))
+        print("p50/p95 s/URL: ours from the journal's `seconds` (fetch only, checks and write "
+              "excluded); img2dataset records no per-URL time (n/a). good = ok minus kept "
+              "placeholders")
+        ratio = scenario.median_ratio()
+        if ratio is not None:
+            ratios = ", ".join(f"{p.ratio:.2f}x" for p in scenario.kept if p.ratio is not None)
+            print(f"ratio ours/img2dataset (good images/s): median of {len(scenario.kept)} quiet "
+                  f"pair(s) = {ratio:.2f}x (pairs: {ratios}; target >= {TARGET_RATIO:g}x)")
+    problem = no_result(scenario)
+    if problem:
+        print("!" * 78)
+        print(f"!!! scenario {scenario.setup.name}: {problem}")
+        print("!" * 78)
+
+
+def summary_line(scenario: Scenario, args: argparse.Namespace) -> str:
+    name = scenario.setup.name
+    if name == "mirror":
+        what = (f"{args.urls} URLs on one host (20% failing, 4% hang > {TIMEOUT} s, "
+                f"{LATENCY * 1000:.0f} ms latency), both at the issue's flags")
     else:
-        ratio = ours.good_per_second / anchor.good_per_second
-        gather = (f"ours {ours.good_per_second:.0f} vs img2dataset {anchor.good_per_second:.0f} "
-                  f"good img/s = {ratio:.2f}x (target >= {TARGET_RATIO:g}x: "
-                  f"{verdict(ratio >= TARGET_RATIO)})")
+        what = (f"{args.urls} URLs over {args.hosts} hosts (real-web host mix, refusing for "
+                f"DNS-dead, {LATENCY * 1000:.0f} ms latency), ours at default options")
+    head = f"summary {name}: {what}: "
+    problem = no_result(scenario)
+    if problem:
+        return head + problem
+    pair = scenario.median_pair()
+    assert pair is not None
+    ours = pair.results["ours"]
+    short = ""
+    if scenario.wanted < MIN_PAIRS:
+        short = (f" [only {scenario.wanted} pair(s) asked for (--repeat): the reporting rule "
+                 f"needs >= {MIN_PAIRS}, so this is not a result]")
+    anchor = pair.results.get("img2dataset")
+    ratio = scenario.median_ratio()
+    if anchor is None or ratio is None:
+        return (head + f"ours {ours.good_per_second:.0f} good img/s (median of "
+                f"{len(scenario.kept)} quiet run(s); img2dataset skipped)" + short)
+    figures = (f"ours {ours.good_per_second:.0f} vs img2dataset {anchor.good_per_second:.0f} "
+               f"good img/s (median pair) = median of {len(scenario.kept)} quiet pairs "
+               f"{ratio:.2f}x")
+    if name == "mirror":
+        return (head + figures + f" (target >= {TARGET_RATIO:g}x: "
+                f"{verdict(ratio >= TARGET_RATIO)})" + short)
+    kept = [p.results["ours"].placeholders for p in scenario.kept]
+    return (head + figures + f"; placeholders kept: ours {ours.placeholders}, img2dataset "
+            f"{anchor.placeholders} (target >= {TARGET_RATIO:g}x with no placeholder kept: "
+            f"{verdict(ratio >= TARGET_RATIO and max(kept) == 0)})" + short)
+
+
+def filter_summary(flt: FilterResult) -> str:
     filter_ok = (flt.lines_per_second >= FILTER_TARGET_LPS
                  and flt.run.max_rss_mb < FILTER_TARGET_MB)
-    return (f"summary: {urls} URLs (20% failing, 4% hang > {TIMEOUT} s, {LATENCY * 1000:.0f} ms "
-            f"latency): {gather}; URL filter {flt.lines:,} lines at "
+    return (f"summary filter: URL filter {flt.lines:,} lines at "
             f"{flt.lines_per_second / 1e6:.2f}M lines/s, max RSS {flt.run.max_rss_mb:.0f} MB "
             f"(targets >= 1M lines/s, < {FILTER_TARGET_MB} MB: {verdict(filter_ok)})")
 
@@ -385,21 +756,23 @@ def summary_line(urls: int, ours: ClientResult, anchor: ClientResult | None,
 def header(args: argparse.Namespace, workdir: Path) -> str:
     import aiohttp
 
-    mix = ", ".join(f"{kind} {share:.0%}" for kind, share in MIX.items())
     return (f"python {platform.python_version()}, aiohttp {aiohttp.__version__}; "
             f"{os.cpu_count()} cores; workdir {workdir}\n"
-            f"{args.urls} URLs of one synset via serve_sample.py (own process, "
-            f"--latency {LATENCY:g}); failing mix: {mix}\n"
-            f"both clients: {CONCURRENCY} in flight, timeout {TIMEOUT} s, no retries; "
-            f"img2dataset: {PROCESSES} processes, {args.shard_size} URLs per shard; "
-            f"seconds = whole command, start-up included")
+            f"reporting: median of {args.repeat} quiet back-to-back pair(s) per scenario; a "
+            f"pair is discarded when other processes took > {args.max_other_load:.0%} of the "
+            f"cores; at most {args.max_tries} tries; each command killed after "
+            f"{args.run_timeout:g} s; seconds = whole command, start-up included")
 
 
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--scenario", choices=("both", *SCENARIOS), default="both",
+                        help="mirror (one host), hosts (real-web host mix), or both (default)")
     parser.add_argument("--urls", type=int, default=10_000, help="URLs in the list (10000)")
+    parser.add_argument("--hosts", type=int, default=HOSTS,
+                        help=f"simulated hosts in the hosts scenario ({HOSTS})")
     parser.add_argument("--workdir", type=Path,
                         default=Path(tempfile.gettempdir()) / "bench_gather",
                         help="sample, lists and outputs; the 10M-line list is cached here")
@@ -407,52 +780,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--img2dataset-venv", type=Path, default=DEFAULT_I2D_VENV)
     parser.add_argument("--shard-size", type=int, default=10_000,
                         help="img2dataset --number_sample_per_shard (its default: 10000)")
-    parser.add_argument("--filter-lines", type=int, default=FILTER_LINES)
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per client; the median one is reported")
+    parser.add_argument("--filter-lines", type=int, default=FILTER_LINES,
+                        help="lines of the URL-list filter benchmark (0: skip it)")
+    parser.add_argument("--repeat", type=int, default=REPEAT,
+                        help=f"quiet back-to-back pairs wanted per scenario ({REPEAT}); the "
+                             "median of their ratios is reported")
+    parser.add_argument("--max-tries", type=int, default=None,
+                        help="pairs tried per scenario before giving up (3 x --repeat)")
     parser.add_argument("--max-other-load", type=float, default=0.10,
-                        help="wait before each run until other processes use at most this "
-                             "share of the cores (default 0.10)")
+                        help="a pair during which other processes used more than this share "
+                             "of the cores is discarded (default 0.10)")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
-                        help="longest wait for that, in seconds (then run anyway)")
-    return parser.parse_args(argv)
-
-
-def bench_clients(args: argparse.Namespace, workdir: Path,
-                  quiet: Quiet) -> dict[str, list[ClientResult]]:
-    """Both clients against one mirror process, one after the other, alternating who goes first
-    on each repetition so neither always meets a warmer (or more tired) server."""
-    exe = None if args.skip_img2dataset else ensure_img2dataset(args.img2dataset_venv)
-    clear_outputs(workdir / "runs", settle=True)
-    sample = workdir / "sample"
-    wnid = make_sample(sample, classes=1, per_class=SAMPLE_FILES, workers=2)[0]
-    # Generous: every run of both clients at a crawling 20 URLs/s, after the longest wait for
-    # quiet, would still fit.
-    budget = 300 + args.repeat * 2 * (args.urls / 20 + quiet.max_wait)
-    results: dict[str, list[ClientResult]] = {"ours": [], "img2dataset": []}
-    with mirror_process(sample, LATENCY, budget, workdir / "mirror.log") as mirror:
-        ours_list, plain_list = write_lists(sample, wnid, mirror.base_url, workdir, args.urls)
-        for rep in range(args.repeat):
-            order = ["ours", "img2dataset"] if rep % 2 == 0 else ["img2dataset", "ours"]
-            for client in order:
-                if client == "img2dataset" and exe is None:
-                    continue
-                benchlib.wait_for_quiet(quiet, mirror.process.pid)
-                out = workdir / "runs" / f"{client}-{rep + 1}"
-                if client == "ours":
-                    result = run_ours(ours_list, wnid, out, mirror, workdir / "ours.log")
-                else:
-                    result = run_img2dataset(exe, plain_list, out, args.shard_size, mirror,
-                                             workdir / "img2dataset.log")
-                results[client].append(result)
-                print(f"  run {rep + 1} {result.name}: {result.good_per_second:.0f} good img/s, "
-                      f"other load {result.run.other_load:.0%}", flush=True)
-    return {client: runs for client, runs in results.items() if runs}
-
-
-def median_run(runs: list[ClientResult]) -> ClientResult:
-    """The run with the median good images/s (the lower middle one for an even count)."""
-    return sorted(runs, key=lambda result: result.good_per_second)[(len(runs) - 1) // 2]
+                        help="longest wait for quiet before a command, in seconds")
+    parser.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT,
+                        help=f"seconds after which a command is killed ({RUN_TIMEOUT:g})")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.max_tries is None:
+        args.max_tries = 3 * args.repeat
+    if args.max_tries < args.repeat:
+        parser.error("--max-tries must be at least --repeat")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -460,39 +809,40 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     quiet = Quiet(args.max_other_load, args.quiet_wait)
+    names = SCENARIOS if args.scenario == "both" else (args.scenario,)
     print(header(args, workdir), flush=True)
-    runs = bench_clients(args, workdir, quiet)
-    clear_outputs(workdir / "runs", settle=False)
-    chosen = [median_run(client_runs) for client_runs in runs.values()]
+    exe = None if args.skip_img2dataset else ensure_img2dataset(args.img2dataset_venv)
+    runs_dir = workdir / "runs"
+    clear_outputs(runs_dir, settle=True)
+    sample = workdir / "sample"
+    wnid = make_sample(sample, classes=1, per_class=SAMPLE_FILES, workers=2)[0]
+    scenarios = []
+    for index, name in enumerate(names):
+        print(f"\n== scenario {name} ==", flush=True)
+        context = mirror_scenario if name == "mirror" else hosts_scenario
+        with context(args, workdir, sample, wnid, quiet) as setup:
+            print(setup.about, flush=True)
+            scenario = bench_pairs(args, setup, exe, quiet, runs_dir, workdir)
+        report(scenario)
+        clear_outputs(runs_dir, settle=index < len(names) - 1)
+        scenarios.append(scenario)
+    flt = None
+    if args.filter_lines > 0:
+        path, wnids = filter_list(workdir, args.filter_lines)
+        benchlib.wait_for_quiet(quiet)
+        flt = bench_filter(path, wnids, workdir / "filter.log")
+        print()
+        print(filter_table(flt))
+        print(f"  median of {FILTER_REPEAT} fresh interpreters, warm page cache, "
+              f"{path.stat().st_size / 2**20:.0f} MiB file; max RSS = largest of the runs")
+        warning = benchlib.disturbed_warning(flt.run.other_load, quiet.max_other)
+        if warning:
+            print(warning)
     print()
-    print(client_table(chosen))
-    print("outcomes:")
-    print("\n".join(outcome_lines(chosen)))
-    ours, anchor = chosen[0], chosen[1] if len(chosen) == 2 else None
-    if anchor is not None:
-        print(f"ratio ours/img2dataset (good images/s): "
-              f"{ours.good_per_second / anchor.good_per_second:.2f}x "
-              f"(target >= {TARGET_RATIO:g}x)")
-    if len(runs) == 2 and args.repeat > 1:
-        pairs = zip(runs["ours"], runs["img2dataset"], strict=True)
-        print("ratio per repetition (back-to-back pairs): " + ", ".join(
-            f"{a.good_per_second / b.good_per_second:.2f}x "
-            f"(other load {max(a.run.other_load, b.run.other_load):.0%})" for a, b in pairs))
-    print("p50/p95 s/URL: ours from the journal's `seconds` (fetch only, checks and write "
-          "excluded); img2dataset records no per-URL time (n/a)")
-    path, wnids = filter_list(workdir, args.filter_lines)
-    benchlib.wait_for_quiet(quiet)
-    flt = bench_filter(path, wnids, workdir / "filter.log")
-    print()
-    print(filter_table(flt))
-    print(f"  median of {FILTER_REPEAT} fresh interpreters, warm page cache, "
-          f"{path.stat().st_size / 2**20:.0f} MiB file; max RSS = largest of the runs")
-    worst = max([run.run.other_load for client_runs in runs.values() for run in client_runs]
-                + [flt.run.other_load])
-    warning = benchlib.disturbed_warning(worst, quiet.max_other)
-    if warning:
-        print(warning)
-    print(summary_line(args.urls, ours, anchor, flt))
+    for scenario in scenarios:
+        print(summary_line(scenario, args))
+    if flt is not None:
+        print(filter_summary(flt))
 
 
 if __name__ == "__main__":

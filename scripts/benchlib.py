@@ -16,9 +16,11 @@ Used as `import benchlib` from the scripts beside it (a script's own folder is o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -197,9 +199,42 @@ class Run:
     helper_cpu_seconds: float = 0.0  # CPU the helper process (helper_pid) used meanwhile
 
 
+class CommandTimeout(Exception):
+    """A measured command ran past its time limit; its whole process group was killed."""
+
+    def __init__(self, argv: list[str], limit: float) -> None:
+        super().__init__(f"did not finish within {limit:g} s (killed): {' '.join(argv)}")
+        self.argv = argv
+        self.limit = limit
+
+
+KILL_GRACE_SECONDS = 10.0
+
+
+def kill_group(process: subprocess.Popen[bytes], grace: float = KILL_GRACE_SECONDS) -> None:
+    """SIGTERM the process group that `process` leads (started with start_new_session), then
+    SIGKILL whatever is left of it after `grace` seconds; `process` itself is reaped."""
+    pgid = process.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        process.poll()  # reap the leader: a zombie still counts as a member of its group
+        try:
+            os.killpg(pgid, 0)  # anybody left in the group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    process.wait()
+
+
 def run_measured(argv: list[str], log: Path, *, cwd: Path | None = None,
                  env: dict[str, str] | None = None, append: bool = False,
-                 helper_pid: int | None = None, sample_seconds: float = SAMPLE_SECONDS) -> Run:
+                 helper_pid: int | None = None, sample_seconds: float = SAMPLE_SECONDS,
+                 timeout: float | None = None) -> Run:
     """Run `argv` through LAUNCHER, its output into `log`, and measure it; exit on failure.
 
     `helper_pid` is a live process of ours the command talks to (a local server): its CPU is not
@@ -207,6 +242,10 @@ def run_measured(argv: list[str], log: Path, *, cwd: Path | None = None,
     to `log` (`*.figures.json`). Reading a process's PSS walks its page tables under its
     memory-map lock: for a process of gigabytes (training), sample rarely (`sample_seconds`)
     or the sampling itself slows the command down (by a third at 50 ms, measured).
+
+    With `timeout` (seconds), the command runs in a process group of its own; past the limit
+    (or on Ctrl-C) the whole group, worker processes included, is killed, and CommandTimeout
+    is raised (KeyboardInterrupt re-raised).
     """
     figures = log.with_suffix(".figures.json")
     figures.unlink(missing_ok=True)
@@ -217,11 +256,21 @@ def run_measured(argv: list[str], log: Path, *, cwd: Path | None = None,
         output.write(f"$ {' '.join(argv)}\n".encode())
         output.flush()
         launcher = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(figures), *argv],
-                                    cwd=cwd, stdout=output, stderr=subprocess.STDOUT, env=env)
+                                    cwd=cwd, stdout=output, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=timeout is not None)
         sampler = TreeSampler(launcher.pid, sample_seconds)
         sampler.start()
-        launcher.wait()
-        sampler.stop()
+        try:
+            launcher.wait(timeout=timeout)
+        except BaseException as exc:  # the time limit, or Ctrl-C
+            if timeout is None:
+                raise
+            kill_group(launcher)
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise CommandTimeout(argv, timeout) from None
+            raise
+        finally:
+            sampler.stop()
     wall = time.perf_counter() - wall
     other_load = load.share(wall)
     result = json.loads(figures.read_text()) if launcher.returncode == 0 else {"code": -1}
