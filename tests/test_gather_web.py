@@ -324,3 +324,24 @@ def test_a_body_repeated_across_urls_and_synsets_is_a_placeholder_and_no_copy_st
         gather_synsets(urls, wnids, options(out, web))
         record = read_journal(out / "gather.jsonl")[f"{wnids[0]}_999"]
         assert record["outcome"] == "placeholder" and "placeholders.txt" in record["error"]
+
+
+def test_a_hung_url_on_a_fast_host_is_cut_short_then_fetched_patiently_next_run(
+        sample, stalling_web, tmp_path):
+    web = stalling_web
+    wnid = sorted(p.name for p in (sample / "files").iterdir())[0]
+    alive = web.hosts[0]
+    lines = [(f"{wnid}_{k}", url)
+             for k, url in enumerate(good_urls(web, alive, sample, wnid, 8))]
+    name = images(sample, wnid)[1]
+    lines.append((f"{wnid}_99", f"{web.base_url(alive)}/slow/3.5/{wnid}/{name}"))
+    urls = write_list(tmp_path / "urls.txt", lines)
+    settings = options(tmp_path / "raw", web, per_host=1, processes=1, timeout=6.0)
+    started = time.monotonic()
+    gather_synsets(urls, [wnid], settings)
+    record = read_journal(tmp_path / "raw" / "gather.jsonl")[f"{wnid}_99"]
+    assert record["outcome"] == "timeout" and "usually takes" in record["error"]
+    assert record["seconds"] < 3.5  # the host answers in milliseconds: 2 s was enough to tell
+    assert time.monotonic() - started < 3.5 + 5
+    gather_synsets(urls, [wnid], settings)  # the next run waits the full --timeout
+    assert read_journal(tmp_path / "raw" / "gather.jsonl")[f"{wnid}_99"]["outcome"] == "ok"

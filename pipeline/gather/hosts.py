@@ -3,7 +3,16 @@ may reach, and per-host health and politeness for the scheduler.
 
 On the real ImageNet list 40-60% of the URLs are dead, much of it whole hosts (DNS gone,
 connections refused or black-holed). A host that failed `host_failures` times in a row is not
-asked again in this run, so a dead host costs a handful of attempts, not one per URL.
+asked again in this run, so a dead host costs a handful of attempts, not one per URL; until it
+has answered once, a host gets only that many attempts at a time (its probe), so dead hosts
+hold few connection slots, and for only one round of timeouts.
+
+A host that has answered a few times gets a read timeout fitted to it, as TCP fits its
+retransmission timeout: the smoothed answer time plus four deviations, at least
+ADAPTIVE_FLOOR seconds, at most --timeout. On a host that answers in 50 ms, a request silent
+for seconds is hung, and waiting the full --timeout for each such URL holds a connection that
+the host's other URLs need. Timeouts are transient: the next run tries those URLs again,
+patiently (the full --timeout), so nothing is lost to an impatient first pass.
 """
 
 from __future__ import annotations
@@ -107,6 +116,10 @@ def _result(hostname: str, address: str, port: int) -> ResolveResult:
                          proto=0, flags=socket.AI_NUMERICHOST)
 
 
+ADAPTIVE_FLOOR = 2.0  # seconds: the shortest read timeout a host is given
+ADAPTIVE_SAMPLES = 4  # answers seen before a host's own timeout applies
+
+
 @dataclass
 class HostState:
     in_flight: int = 0
@@ -114,6 +127,9 @@ class HostState:
     down_because: str = ""  # set once the host is given up for this run
     not_before: float = 0.0  # a Retry-After pause, on the monotonic clock
     answered_at: float = float("-inf")  # when it last gave an HTTP answer
+    answers: int = 0
+    smoothed: float = 0.0  # answer time, smoothed (seconds)
+    deviation: float = 0.0  # its mean deviation
     last_error: str = ""
 
 
@@ -134,7 +150,16 @@ class HostBook:
 
     def available(self, host: str, now: float) -> bool:
         state = self.state(host)
-        return state.in_flight < self.per_host and now >= state.not_before
+        limit = self.per_host if state.answers else min(self.per_host, self.max_failures)
+        return state.in_flight < limit and now >= state.not_before
+
+    def read_timeout(self, host: str, longest: float) -> float | None:
+        """This host's own read timeout, or None while it has answered too rarely to tell."""
+        state = self.state(host)
+        if state.answers < ADAPTIVE_SAMPLES:
+            return None
+        fitted = max(ADAPTIVE_FLOOR, state.smoothed + 4 * state.deviation)
+        return fitted if fitted < longest else None
 
     def is_down(self, host: str) -> bool:
         state = self.hosts.get(host)
@@ -149,6 +174,7 @@ class HostBook:
         if not connection_failed:
             state.failures = 0
             state.answered_at = now
+            self._time_answer(state, now - started)
             return
         if started < state.answered_at:
             return
@@ -157,6 +183,16 @@ class HostBook:
         if state.failures >= self.max_failures and not state.down_because:
             state.down_because = (f"host down: {state.failures} connection failures in a row "
                                   f"(last: {error})")
+
+    @staticmethod
+    def _time_answer(state: HostState, seconds: float) -> None:
+        """Jacobson's estimator (RFC 6298): smoothed time and mean deviation."""
+        if state.answers == 0:
+            state.smoothed, state.deviation = seconds, seconds / 2
+        else:
+            state.deviation = 0.75 * state.deviation + 0.25 * abs(state.smoothed - seconds)
+            state.smoothed = 0.875 * state.smoothed + 0.125 * seconds
+        state.answers += 1
 
     def pause(self, host: str, until: float) -> None:
         state = self.state(host)

@@ -55,16 +55,25 @@ def _failed(outcome: str, error: str, *, retry: bool = False,
 
 
 async def fetch_once(session: aiohttp.ClientSession, url: str, options: GatherOptions,
-                     resolver: Resolver) -> Attempt:
-    """Never raises for anything the web does; never takes longer than `url_deadline`."""
+                     resolver: Resolver, read_timeout: float | None = None) -> Attempt:
+    """Never raises for anything the web does; never takes longer than `url_deadline`.
+
+    `read_timeout`: the host's own limit for silence (see hosts.HostBook.read_timeout), when
+    shorter than --timeout.
+    """
+    timeout = None if read_timeout is None else aiohttp.ClientTimeout(
+        total=None, sock_connect=options.timeout, sock_read=read_timeout)
     try:
         async with asyncio.timeout(options.url_deadline):
-            return await _follow(session, URL(url, encoded=True), options, resolver)
+            return await _follow(session, URL(url, encoded=True), options, resolver, timeout)
     except _TooSlow as slow:
         return _failed("timeout", str(slow))
     except aiohttp.ConnectionTimeoutError:
         return _failed("unreachable", f"no connection within {options.timeout:g} s (--timeout)")
     except aiohttp.SocketTimeoutError:
+        if read_timeout is not None:
+            return _failed("timeout", f"no data for {read_timeout:.1f} s, far longer than this "
+                                      "host usually takes (the next run waits --timeout)")
         return _failed("timeout", f"no data for {options.timeout:g} s (--timeout)")
     except TimeoutError:
         return _failed("timeout", f"not finished within {options.url_deadline:g} s "
@@ -88,9 +97,10 @@ class _TooSlow(Exception):
 
 
 async def _follow(session: aiohttp.ClientSession, url: URL, options: GatherOptions,
-                  resolver: Resolver) -> Attempt:
+                  resolver: Resolver, timeout: aiohttp.ClientTimeout | None) -> Attempt:
     for _ in range(MAX_REDIRECTS + 1):
-        async with session.get(url, allow_redirects=False) as response:
+        async with session.get(url, allow_redirects=False,
+                               **({"timeout": timeout} if timeout else {})) as response:
             location = response.headers.get("Location")
             if response.status not in REDIRECT_STATUSES or not location:
                 return await _read_response(response, options)
@@ -151,7 +161,7 @@ async def _read_body(response: aiohttp.ClientResponse, options: GatherOptions) -
     size = 0
     started = time.monotonic()
     sniffed = False
-    async for chunk in response.content.iter_any():
+    while chunk := await _next_chunk(response, size, started, options):
         chunks.append(chunk)
         size += len(chunk)
         if size > options.max_bytes:
@@ -161,17 +171,30 @@ async def _read_body(response: aiohttp.ClientResponse, options: GatherOptions) -
             sniffed = True
             if sniff_extension(b"".join(chunks)[:SNIFF_BYTES]) is None:
                 return _not_image(response)
-        _check_rate(size, time.monotonic() - started, options)
     body = b"".join(chunks)
     if not sniffed and sniff_extension(body) is None:
         return _not_image(response)
     return Attempt("ok", final=True, http_status=response.status, body=body)
 
 
-def _check_rate(size: int, seconds: float, options: GatherOptions) -> None:
-    if options.min_rate and seconds > options.timeout and size < options.min_rate * seconds:
+async def _next_chunk(response: aiohttp.ClientResponse, size: int, started: float,
+                      options: GatherOptions) -> bytes:
+    """The next piece of the body (b"" at its end), waiting no longer than the moment the body
+    would fall below --min-rate (once --timeout seconds have passed)."""
+    if not options.min_rate:
+        return await response.content.readany()
+    give_up = started + max(options.timeout, size / options.min_rate)
+    limit = asyncio.timeout_at(asyncio.get_running_loop().time()
+                               + max(0.0, give_up - time.monotonic()))
+    try:
+        async with limit:
+            return await response.content.readany()
+    except TimeoutError:
+        if not limit.expired():
+            raise
+        seconds = time.monotonic() - started
         raise _TooSlow(f"body arrived at {size / seconds:.0f} B/s, below --min-rate "
-                       f"{options.min_rate} B/s ({size} bytes in {seconds:.0f} s)")
+                       f"{options.min_rate} B/s ({size} bytes in {seconds:.0f} s)") from None
 
 
 def _not_image(response: aiohttp.ClientResponse) -> Attempt:

@@ -152,8 +152,17 @@ class _Run:
             self.next_id += 1
             self.jobs[self.next_id] = (job, now)
             pool.submit(Request(self.next_id, job.entry.url, job.host,
-                                str(target_stem(self.options.out, job.entry))))
+                                str(target_stem(self.options.out, job.entry)),
+                                self._read_timeout(job)))
         pool.flush()
+
+    def _read_timeout(self, job: Job) -> float | None:
+        """The host's own read timeout, except for a URL that timed out before: it gets the
+        full --timeout, so a slow image is never cut off run after run."""
+        earlier = self.collector.history.get(job.entry.id)
+        if earlier is not None and earlier["outcome"] == "timeout":
+            return None
+        return self.hosts.read_timeout(job.host, self.options.timeout)
 
     def _settle(self, reply: Reply, *, stopping: bool) -> None:
         if reply.crash:

@@ -1,8 +1,10 @@
 """Which URL to fetch next: fair across classes, polite per host, exact under `--limit`.
 
 Plain synchronous code driven by the coordinator's loop (no I/O, so it is unit-tested with a
-fake clock). URLs are handed out round-robin across classes and, within a class, across its
-hosts, so one huge host (Flickr in the real list) cannot starve the others. A class with
+fake clock). URLs are handed out round-robin across classes and, within a class, to the host
+with the most URLs left that may take one more (longest queue first): the biggest host (Flickr
+in the real list) decides when a run can end, so it is kept at its connection limit from the
+start while the free slots go to the others, and dead hosts are probed early. A class with
 `limit - ok` URLs in flight (or waiting to be retried) gets no new one until one of them fails,
 so `--limit N` yields exactly N images without over-fetching. URLs of a host that went down
 are handed back through `dropped` without being requested.
@@ -32,21 +34,27 @@ class Job:
 
 @dataclass
 class _ClassQueue:
+    """A class's waiting jobs per host, and a heap of hosts by queue length (longest first).
+
+    Each host with jobs has exactly one heap entry; its recorded length may be stale (a retry
+    came back) and is corrected when the entry comes to the top.
+    """
+
     by_host: dict[str, deque[Job]] = field(default_factory=dict)
-    ring: deque[str] = field(default_factory=deque)  # hosts with queued jobs, in turn
+    heap: list[tuple[int, str]] = field(default_factory=list)  # (-length, host)
 
     def add(self, job: Job, *, front: bool = False) -> None:
         queue = self.by_host.get(job.host)
         if queue is None:
             queue = self.by_host[job.host] = deque()
-            self.ring.append(job.host)
+            heapq.heappush(self.heap, (-1, job.host))
         if front:
             queue.appendleft(job)
         else:
             queue.append(job)
 
     def __bool__(self) -> bool:
-        return bool(self.ring)
+        return bool(self.by_host)
 
 
 class Scheduler:
@@ -120,26 +128,28 @@ class Scheduler:
             self._classes[job.entry.klass].add(job, front=True)
 
     def _pick_host(self, queue: _ClassQueue, now: float) -> Job | None:
-        for _ in range(len(queue.ring)):
-            host = queue.ring[0]
+        busy: list[tuple[int, str]] = []  # hosts at their limit or paused, for later
+        job = None
+        while queue.heap:
+            length, host = heapq.heappop(queue.heap)
             jobs = queue.by_host[host]
-            if self.hosts.is_down(host):
+            if -length != len(jobs):
+                heapq.heappush(queue.heap, (-len(jobs), host))
+            elif self.hosts.is_down(host):
                 self.dropped.extend(jobs)
-                self._forget(queue, host)
-                continue
-            queue.ring.rotate(-1)
-            if self.hosts.available(host, now):
+                del queue.by_host[host]
+            elif not self.hosts.available(host, now):
+                busy.append((length, host))
+            else:
                 job = jobs.popleft()
-                if not jobs:
-                    queue.ring.remove(host)
+                if jobs:
+                    heapq.heappush(queue.heap, (-len(jobs), host))
+                else:
                     del queue.by_host[host]
-                return job
-        return None
-
-    @staticmethod
-    def _forget(queue: _ClassQueue, host: str) -> None:
-        queue.ring.popleft()
-        del queue.by_host[host]
+                break
+        for entry in busy:
+            heapq.heappush(queue.heap, entry)
+        return job
 
     def _has_room(self, klass: str) -> bool:
         return self._limit is None or self._ok[klass] + self._in_flight[klass] < self._limit

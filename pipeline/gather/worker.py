@@ -39,6 +39,7 @@ class Request:
     url: str
     host: str  # hosts.host_key(url)
     stem: str  # final path without extension (store.target_stem)
+    read_timeout: float | None = None  # the host's own, when shorter than --timeout
 
 
 @dataclass
@@ -108,7 +109,8 @@ async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: Threa
                  request: Request, options: GatherOptions) -> Reply:
     started = time.monotonic()
     try:
-        attempt = await fetch_once(session, request.url, options, resolver)
+        attempt = await fetch_once(session, request.url, options, resolver,
+                                   request.read_timeout)
         staged = None
         if attempt.body is not None:
             staged = await asyncio.get_running_loop().run_in_executor(
