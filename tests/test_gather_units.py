@@ -174,22 +174,30 @@ def test_a_public_url_may_not_redirect_to_a_private_address():
                      "http://public.example/photo_unavailable.png")) == "placeholder"
 
 
-def test_the_host_with_the_most_urls_left_goes_first():
-    book = HostBook(per_host=3, max_failures=5)
+def test_unanswered_hosts_first_then_the_host_with_the_most_urls_left():
+    book = HostBook(per_host=3, max_failures=2)
     for host in ("big", "small"):
-        book.record(host, connection_failed=False, started=0.0, now=0.1)  # both answered
-    work = entries("a", ["small"], 2) + entries("a", ["big"], 9)
+        book.record(host, connection_failed=False, started=0.0, now=0.1)  # answered
+    work = (entries("a", ["small"], 4) + entries("a", ["big"], 9)
+            + entries("a", ["new"], 5))
     scheduler = Scheduler(work, Counter(), None, book)
-    started = [scheduler.next(1.0).host for _ in range(5)]
-    assert started == ["big", "big", "big", "small", "small"]  # big to its limit, then small
+    started = [scheduler.next(1.0).host for _ in range(7)]
+    # The new host's probe (2 attempts) first; then big to its limit, then small.
+    assert started == ["new", "new", "big", "big", "big", "small", "small"]
 
 
-def test_a_host_that_never_answered_gets_only_a_probe_at_a_time():
+def test_a_host_that_never_answered_gets_exactly_its_probe():
     book = HostBook(per_host=16, max_failures=3)
-    scheduler = Scheduler(entries("a", ["new"], 10), Counter(), None, book)
-    assert [scheduler.next(0.0) is not None for _ in range(4)] == [True, True, True, False]
+    work = entries("a", ["dead"], 10) + entries("a", ["new"], 20)
+    scheduler = Scheduler(work, Counter(), None, book)
+    probes = [scheduler.next(0.0) for _ in range(7)]
+    assert [j.host if j else None for j in probes] == ["new"] * 3 + ["dead"] * 3 + [None]
+    for job in probes[3:5]:  # two of dead's three probes fail: no new attempt replaces them
+        book.record("dead", connection_failed=True, started=0.0, now=1.0, error="refused")
+        scheduler.finished(job)
+    assert scheduler.next(1.0) is None
     book.record("new", connection_failed=False, started=0.0, now=0.2)
-    assert sum(scheduler.next(0.3) is not None for _ in range(20)) == 7  # now up to 16
+    assert sum(scheduler.next(1.5) is not None for _ in range(20)) == 13  # new: up to 16
 
 
 def test_read_timeout_fits_the_host_after_a_few_answers():
@@ -198,7 +206,7 @@ def test_read_timeout_fits_the_host_after_a_few_answers():
         book.record("fast", connection_failed=False, started=k, now=k + 0.05)
     assert book.read_timeout("fast", longest=10.0) is None  # too few answers to tell
     book.record("fast", connection_failed=False, started=5.0, now=5.05)
-    assert book.read_timeout("fast", longest=10.0) == 2.0  # the floor, far above 50 ms
+    assert book.read_timeout("fast", longest=10.0) == 1.0  # the floor, far above 50 ms
     for k in range(6):
         book.record("slow", connection_failed=False, started=k, now=k + 3.0 + k % 2)
     assert 4.0 < book.read_timeout("slow", longest=10.0) < 10.0

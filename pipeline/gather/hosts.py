@@ -3,16 +3,17 @@ may reach, and per-host health and politeness for the scheduler.
 
 On the real ImageNet list 40-60% of the URLs are dead, much of it whole hosts (DNS gone,
 connections refused or black-holed). A host that failed `host_failures` times in a row is not
-asked again in this run, so a dead host costs a handful of attempts, not one per URL; until it
-has answered once, a host gets only that many attempts at a time (its probe), so dead hosts
-hold few connection slots, and for only one round of timeouts.
+asked again in this run, so a dead host costs a handful of attempts, not one per URL: until it
+has answered once, a host gets exactly that many attempts (its probe, all at once: one round
+of timeouts, not several), and no more while they fail.
 
 A host that has answered a few times gets a read timeout fitted to it, as TCP fits its
 retransmission timeout: the smoothed answer time plus four deviations, at least
-ADAPTIVE_FLOOR seconds, at most --timeout. On a host that answers in 50 ms, a request silent
-for seconds is hung, and waiting the full --timeout for each such URL holds a connection that
-the host's other URLs need. Timeouts are transient: the next run tries those URLs again,
-patiently (the full --timeout), so nothing is lost to an impatient first pass.
+ADAPTIVE_FLOOR seconds (RFC 6298's minimum retransmission timeout), at most --timeout. On a
+host that answers in 50 ms, a request silent for seconds is hung, and waiting the full
+--timeout for each such URL holds a connection that the host's other URLs need. Timeouts are
+transient: the next run tries those URLs again, patiently (the full --timeout), so nothing is
+lost to an impatient first pass.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _result(hostname: str, address: str, port: int) -> ResolveResult:
                          proto=0, flags=socket.AI_NUMERICHOST)
 
 
-ADAPTIVE_FLOOR = 2.0  # seconds: the shortest read timeout a host is given
+ADAPTIVE_FLOOR = 1.0  # seconds: the shortest read timeout a host is given (RFC 6298's RTO)
 ADAPTIVE_SAMPLES = 4  # answers seen before a host's own timeout applies
 
 
@@ -150,7 +151,8 @@ class HostBook:
 
     def available(self, host: str, now: float) -> bool:
         state = self.state(host)
-        limit = self.per_host if state.answers else min(self.per_host, self.max_failures)
+        limit = (self.per_host if state.answers
+                 else min(self.per_host, self.max_failures - state.failures))
         return state.in_flight < limit and now >= state.not_before
 
     def read_timeout(self, host: str, longest: float) -> float | None:

@@ -1,10 +1,12 @@
 """Which URL to fetch next: fair across classes, polite per host, exact under `--limit`.
 
 Plain synchronous code driven by the coordinator's loop (no I/O, so it is unit-tested with a
-fake clock). URLs are handed out round-robin across classes and, within a class, to the host
-with the most URLs left that may take one more (longest queue first): the biggest host (Flickr
-in the real list) decides when a run can end, so it is kept at its connection limit from the
-start while the free slots go to the others, and dead hosts are probed early. A class with
+fake clock). URLs are handed out round-robin across classes and, within a class, first to
+hosts that have not answered yet (their probe, see hosts.HostBook: a dead host's one round of
+timeouts then runs at the start, beside the others' work, instead of at the end), then to the
+host with the most URLs left that may take one more (longest queue first): the biggest host
+(Flickr in the real list) decides when a run can end, so it is kept at its connection limit
+while the free slots go to the others. A class with
 `limit - ok` URLs in flight (or waiting to be retried) gets no new one until one of them fails,
 so `--limit N` yields exactly N images without over-fetching. URLs of a host that went down
 are handed back through `dropped` without being requested.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import sys
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -34,24 +37,27 @@ class Job:
 
 @dataclass
 class _ClassQueue:
-    """A class's waiting jobs per host, and a heap of hosts by queue length (longest first).
+    """A class's waiting jobs per host, and a heap of hosts: not yet answered first, then by
+    queue length (longest first).
 
-    Each host with jobs has exactly one heap entry; its recorded length may be stale (a retry
-    came back) and is corrected when the entry comes to the top.
+    Heap entries are corrected lazily: an entry is pushed ranked at least as high as its host
+    really is (a new host, a retry coming back: at the very top), and one found stale at the
+    top is pushed again with its true rank; so the first accurate entry popped is the best.
     """
 
     by_host: dict[str, deque[Job]] = field(default_factory=dict)
-    heap: list[tuple[int, str]] = field(default_factory=list)  # (-length, host)
+    heap: list[tuple[bool, int, str]] = field(default_factory=list)  # (answered, -length, host)
 
     def add(self, job: Job, *, front: bool = False) -> None:
         queue = self.by_host.get(job.host)
         if queue is None:
             queue = self.by_host[job.host] = deque()
-            heapq.heappush(self.heap, (-1, job.host))
         if front:
             queue.appendleft(job)
         else:
             queue.append(job)
+        if front or len(queue) == 1:
+            heapq.heappush(self.heap, (False, -sys.maxsize, job.host))
 
     def __bool__(self) -> bool:
         return bool(self.by_host)
@@ -128,28 +134,35 @@ class Scheduler:
             self._classes[job.entry.klass].add(job, front=True)
 
     def _pick_host(self, queue: _ClassQueue, now: float) -> Job | None:
-        busy: list[tuple[int, str]] = []  # hosts at their limit or paused, for later
+        busy: list[tuple[bool, int, str]] = []  # hosts at their limit or paused, for later
         job = None
         while queue.heap:
-            length, host = heapq.heappop(queue.heap)
-            jobs = queue.by_host[host]
-            if -length != len(jobs):
-                heapq.heappush(queue.heap, (-len(jobs), host))
+            entry = heapq.heappop(queue.heap)
+            host = entry[2]
+            jobs = queue.by_host.get(host)
+            if not jobs:
+                continue  # a leftover entry of a host that has run out
+            rank = self._rank(host, jobs)
+            if entry != rank:
+                heapq.heappush(queue.heap, rank)
             elif self.hosts.is_down(host):
                 self.dropped.extend(jobs)
                 del queue.by_host[host]
             elif not self.hosts.available(host, now):
-                busy.append((length, host))
+                busy.append(entry)
             else:
                 job = jobs.popleft()
                 if jobs:
-                    heapq.heappush(queue.heap, (-len(jobs), host))
+                    heapq.heappush(queue.heap, self._rank(host, jobs))
                 else:
                     del queue.by_host[host]
                 break
         for entry in busy:
             heapq.heappush(queue.heap, entry)
         return job
+
+    def _rank(self, host: str, jobs: deque[Job]) -> tuple[bool, int, str]:
+        return (self.hosts.state(host).answers > 0, -len(jobs), host)
 
     def _has_room(self, klass: str) -> bool:
         return self._limit is None or self._ok[klass] + self._in_flight[klass] < self._limit

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,7 @@ class Collector:
             "id": entry.id, "wnid": entry.wnid, "class": entry.klass, "url": entry.url,
             "outcome": outcome, "final": final, "http_status": http_status, "bytes": None,
             "sha256": None, "path": None, "error": error, "attempts": attempts,
-            "seconds": round(seconds, 3),
+            "seconds": round(seconds, 3), "time": round(time.time(), 3),
         }
         if staged is not None:
             record.update(outcome=staged.outcome, error=staged.error or error,
@@ -232,7 +233,7 @@ class Collector:
                 "outcome": "placeholder", "final": True, "http_status": None,
                 "bytes": staged.size, "sha256": digest, "path": None,
                 "error": f"repeated body, found later (a copy is in {PLACEHOLDER_DIR}/)",
-                "attempts": 0, "seconds": 0.0})
+                "attempts": 0, "seconds": 0.0, "time": round(time.time(), 3)})
 
 
 def read_placeholders(path: Path) -> set[str]:
