@@ -1,14 +1,23 @@
 """Benchmark the training input and the training loop against plain PyTorch, in one run.
 
+`--part loop` (with `all`, the default):
 1. Loader alone (2 workers, batch 32, 224 crops with flips): our loader over image files and
    over a packed HDF5 file, beside a plain torchvision `ImageFolder` + `DataLoader`.
 2. Training AlexNet at 224 frozen to conv4: `pipeline finetune` in fp32 and with
    `--precision bf16`, beside a plain PyTorch loop (same model, data, frozen layers, fp32).
 
+`--part cache`: `pipeline finetune --cache-features` against the same command without it, for
+AlexNet frozen to conv4 and conv5 and VGG16 frozen to conv4 and conv5_3, at the demo's crop
+(128, packed at 144) and at 224 (packed at 256): images/s per epoch (median), the one-off
+cache build, the cache's size, peak memory, and validation top-1 at equal epochs (K cached
+views vs live augmentation; meaningful with trained --weights).
+
 Prints images/s, the memory of each `pipeline finetune` run (benchlib: exact max RSS of its
 largest process, sampled peak PSS of its whole tree with the DataLoader workers) and ratios,
-then a one-line summary. Usage:
+then a one-line summary per part. Usage:
     python scripts/bench_train.py [--workdir /tmp/bench-train] [--per-class 200] [--epochs 3]
+                                  [--part all|loop|cache] [--cache-views 8]
+                                  [--vgg-train-images 96] [--accuracy-epochs 10]
 """
 
 from __future__ import annotations
@@ -16,11 +25,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -38,19 +49,29 @@ import benchlib
 import make_sample
 
 CLASSES = 5
+CACHE_CASES = (("alexnet", "conv4"), ("alexnet", "conv5"), ("vgg16", "conv4"),
+               ("vgg16", "conv5_3"))
+CROPS = {128: 144, 224: 256}  # crop -> packed size (the demo's, and the classic)
 
 
 def prepare(workdir: Path, per_class: int) -> Path:
-    """Sample images, manifests and packs, made once and reused."""
+    """Sample images, manifests and packs (at 256, and at 144 for the demo's crop), made once
+    and reused."""
     sample = workdir / "sample"
     make_sample.make_sample(sample, classes=CLASSES, per_class=per_class)
     manifests = workdir / "manifests"
     if not (manifests / "train.txt").exists():
         label(sample / "files", manifests, val_ratio=0.2)
     for split in ("train", "val"):
-        if not (workdir / f"{split}.h5").exists():
-            pack(manifests / f"{split}.txt", workdir / f"{split}.h5", size=256, workers=2)
+        for size in CROPS.values():
+            path = pack_path(workdir, split, size)
+            if not path.exists():
+                pack(manifests / f"{split}.txt", path, size=size, workers=2)
     return manifests
+
+
+def pack_path(workdir: Path, split: str, size: int) -> Path:
+    return workdir / (f"{split}.h5" if size == 256 else f"{split}-{size}.h5")
 
 
 def time_loader(loader: torch.utils.data.DataLoader, batches: int) -> float:
@@ -134,6 +155,90 @@ def run_plain(workdir: Path, epochs: int) -> dict[str, float]:
     return {"images_per_s": statistics.median(rates), "epoch_rates": rates}
 
 
+def run_finetune(workdir: Path, name: str, args: list[str],
+                 quiet: benchlib.Quiet) -> dict[str, Any]:
+    """One `pipeline finetune` command, measured; its log.csv and metrics.json read back."""
+    out = workdir / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)
+    benchlib.wait_for_quiet(quiet)
+    run = benchlib.run_measured([sys.executable, "-m", "pipeline", "-q", "finetune", *args,
+                                 "--out", str(out)], workdir / f"{name}.log",
+                                sample_seconds=2.0)
+    with open(out / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"rates": [float(r["images_per_s"]) for r in rows],
+            "val_top1": [float(r["val_top1"]) for r in rows], "metrics": metrics,
+            "seconds": run.seconds, "max_rss_mb": run.max_rss_mb,
+            "peak_pss_mb": run.peak_pss_mb, "other_load": run.other_load}
+
+
+def cache_speed(workdir: Path, args: argparse.Namespace,
+                quiet: benchlib.Quiet) -> list[dict[str, Any]]:
+    """Per case: live vs cached images/s (median epoch), build time, size, memory."""
+    results = []
+    for arch, until in CACHE_CASES:
+        for crop, size in CROPS.items():
+            data = ["--train", str(pack_path(workdir, "train", size)),
+                    "--val", str(pack_path(workdir, "val", size))]
+            common = [*data, "--arch", arch, "--weights", "none", "--freeze-until", until,
+                      "--epochs", str(args.epochs), "--crop", str(crop), "--resize", str(size),
+                      "--workers", "2", "--lr", "0.001"]
+            if arch.startswith("vgg"):  # ~2-5 images/s live at 224 here: a few batches do
+                common += ["--max-steps", str(max(1, args.vgg_train_images // 32))]
+            name = f"{arch}-{until}-{crop}"
+            live = run_finetune(workdir, f"{name}-live", common, quiet)
+            cache_dir = workdir / "caches" / name
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            cached = run_finetune(workdir, f"{name}-cached", [
+                *common, "--cache-features", "--cache-views", str(args.cache_views),
+                "--cache-dir", str(cache_dir)], quiet)
+            results.append({"case": name, "live": live, "cached": cached})
+            info = cached["metrics"]["feature_cache"]
+            fast, slow = statistics.median(cached["rates"]), statistics.median(live["rates"])
+            print(f"  {name:<20} live {slow:7.1f} img/s   cached {fast:8.1f} img/s "
+                  f"({fast / slow:5.1f}x)   build {info['build_seconds']:6.1f} s   "
+                  f"cache {info['bytes'] / 2**20:7.1f} MB   peak PSS live/cached "
+                  f"{live['peak_pss_mb']:.0f}/{cached['peak_pss_mb']:.0f} MB   "
+                  f"other load {max(live['other_load'], cached['other_load']):.0%}", flush=True)
+    return results
+
+
+def cache_accuracy(workdir: Path, args: argparse.Namespace,
+                   quiet: benchlib.Quiet) -> dict[str, Any]:
+    """AlexNet frozen to conv5 from --weights, equal epochs: live augmentation vs K views."""
+    common = ["--train", str(pack_path(workdir, "train", 144)),
+              "--val", str(pack_path(workdir, "val", 144)), "--arch", "alexnet",
+              "--weights", args.weights, "--freeze-until", "conv5",
+              "--epochs", str(args.accuracy_epochs), "--crop", "128", "--resize", "144",
+              "--workers", "2", "--lr", str(args.lr), "--schedule", "cosine"]
+    live = run_finetune(workdir, "accuracy-live", common, quiet)
+    cached = run_finetune(workdir, "accuracy-cached", [
+        *common, "--cache-features", "--cache-views", str(args.cache_views),
+        "--cache-dir", str(workdir / "caches" / "accuracy")], quiet)
+    return {"live": live, "cached": cached}
+
+
+def report_cache(speed: list[dict[str, Any]], accuracy: dict[str, Any]) -> None:
+    def ratio(case: str) -> float:
+        row = next(r for r in speed if r["case"] == case)
+        return statistics.median(row["cached"]["rates"]) / statistics.median(row["live"]["rates"])
+
+    live, cached = accuracy["live"], accuracy["cached"]
+    print(f"accuracy, AlexNet frozen to conv5 at 128, {len(live['val_top1'])} epochs: "
+          f"live best val top-1 {max(live['val_top1']):.3f} ({live['seconds']:.0f} s), "
+          f"cached best {max(cached['val_top1']):.3f} ({cached['seconds']:.0f} s incl. build)")
+    summary = {f"{r['case']}_cached_vs_live": round(ratio(r["case"]), 1) for r in speed}
+    summary["cached_minus_live_best_val_top1"] = round(
+        max(cached["val_top1"]) - max(live["val_top1"]), 3)
+    targets = (ratio("vgg16-conv5_3-224") >= 20, ratio("alexnet-conv5-224") >= 5,
+               abs(summary["cached_minus_live_best_val_top1"]) <= 0.01)
+    print("summary (cache): " + json.dumps(summary)
+          + f"; targets VGG16 conv5_3 >= 20x: {'met' if targets[0] else 'MISSED'}, "
+          f"AlexNet conv5 >= 5x: {'met' if targets[1] else 'MISSED'}, accuracy within 1 point: "
+          f"{'met' if targets[2] else 'MISSED'}")
+
+
 def epoch_rates(result: dict) -> str:
     return " ".join(f"{rate:.1f}" for rate in result["epoch_rates"])
 
@@ -151,9 +256,26 @@ def main() -> None:
                              "weights the bf16-vs-fp32 accuracy comparison means something "
                              "(from scratch, a few epochs stay near chance)")
     parser.add_argument("--lr", type=float, default=0.01, help="finetune's --lr")
+    parser.add_argument("--part", choices=["all", "loop", "cache"], default="all")
+    parser.add_argument("--cache-views", type=int, default=8)
+    parser.add_argument("--vgg-train-images", type=int, default=96,
+                        help="VGG16 epochs are capped at this many images (live VGG16 runs "
+                             "at a few images/s on a CPU)")
+    parser.add_argument("--accuracy-epochs", type=int, default=10)
+    parser.add_argument("--max-other-load", type=float, default=0.10)
     args = parser.parse_args()
     torch.set_num_threads(2)
     manifests = prepare(args.workdir, args.per_class)
+    if args.part in ("all", "loop"):
+        bench_loop(args, manifests)
+    if args.part in ("all", "cache"):
+        quiet = benchlib.Quiet(args.max_other_load, 300.0)
+        print(f"feature cache ({args.cache_views} views, fp16), {args.epochs} epochs per run:")
+        speed = cache_speed(args.workdir, args, quiet)
+        report_cache(speed, cache_accuracy(args.workdir, args, quiet))
+
+
+def bench_loop(args: argparse.Namespace, manifests: Path) -> None:
     rates = loader_rates(args.workdir, manifests, args.loader_batches)
     print("loader alone (2 workers, batch 32, 224 crops):")
     for name, rate in rates.items():

@@ -35,7 +35,7 @@ def chain(tmp_path_factory):
             "RUN": "mini", "WNIDS": " ".join(wnids), "URLS": base / "urls.txt",
             "WORDS": sample / "words.txt", "WEIGHTS": "none", "FREEZE": "conv2", "EPOCHS": 1,
             "SIZE": 72, "CROP": 64, "BATCH": 8, "VAL_RATIO": 0.25,
-            "GATHER_ARGS": "--timeout 1 --retries 1", "FINETUNE_ARGS": "--workers 0",
+            "GATHER_ARGS": "--timeout 5 --retries 1", "FINETUNE_ARGS": "--workers 0",
         }
         done = make("report", variables)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
