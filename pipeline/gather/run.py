@@ -21,7 +21,7 @@ from pipeline.gather.http import Attempt
 from pipeline.gather.options import GatherOptions
 from pipeline.gather.schedule import Job, Scheduler
 from pipeline.gather.store import Collector, target_stem
-from pipeline.gather.worker import Reply, Request, WorkerPool
+from pipeline.gather.worker import Reply, Request, WorkerPool, effective_per_host
 from pipeline.journal import OUTCOMES, Journal, read_journal
 from pipeline.progress import Progress
 from pipeline.tables import format_table
@@ -110,8 +110,8 @@ class _Run:
         self.options = options
         self.collector = collector
         self.report = report
-        self.hosts = HostBook(options.per_host, options.host_failures)
-        self.pending = pending
+        self.hosts = HostBook(effective_per_host(options), options.host_failures)
+        self.scheduler = Scheduler(pending, collector.ok_counts, options.limit, self.hosts)
         self.jobs: dict[int, tuple[Job, float]] = {}  # job id -> (job, attempt start)
         self.next_id = 0
         self.progress = Progress("gather", total=len(pending))
@@ -119,9 +119,6 @@ class _Run:
 
     def drive(self) -> None:
         with _StopSignals(self.options.grace) as stop, WorkerPool(self.options) as pool:
-            self.hosts.per_host = pool.per_host
-            self.scheduler = Scheduler(self.pending, self.collector.ok_counts,
-                                       self.options.limit, self.hosts)
             try:
                 while self._step(pool, stop):
                     pass

@@ -140,6 +140,19 @@ class _Outbox:
             self._conn.send(batch)
 
 
+def host_share(options: GatherOptions) -> tuple[bool, int]:
+    """(whether a host sticks to one worker, the connections per host each worker may open)."""
+    count = options.worker_processes
+    sticky = options.per_host < count
+    return sticky, options.per_host if sticky else options.per_host // count
+
+
+def effective_per_host(options: GatherOptions) -> int:
+    """What the scheduler may have in flight per host, over all workers."""
+    sticky, share = host_share(options)
+    return share if sticky else share * options.worker_processes
+
+
 class WorkerPool:
     """The coordinator's side: start workers, spread requests, collect replies.
 
@@ -155,10 +168,7 @@ class WorkerPool:
         self._context = multiprocessing.get_context("spawn")
         count = options.worker_processes
         self.capacity = math.ceil(options.concurrency / count)
-        self._sticky = options.per_host < count
-        self._host_share = options.per_host if self._sticky else options.per_host // count
-        # What the scheduler may have in flight per host, over all workers.
-        self.per_host = self._host_share * (1 if self._sticky else count)
+        self._sticky, self._host_share = host_share(options)
         self._workers = [self._start() for _ in range(count)]
         self._respawns = 0
 
