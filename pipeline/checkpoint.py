@@ -7,7 +7,6 @@ in it is a tensor or a plain Python value, so it loads with `torch.load(weights_
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +71,16 @@ class Normalization:
 
 
 def _channel_std(meta_path: Path) -> torch.Tensor:
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        return torch.tensor(json.loads(meta_path.read_text())["std"], dtype=torch.float32)
-    return torch.ones(3)
+    """The channel std that `pipeline mean` writes beside the mean image. Without it the
+    inputs would be scaled by 1 instead of ~60: never guessed, always an error."""
+    try:
+        std = json.loads(meta_path.read_text(encoding="utf-8"))["std"]
+        return torch.tensor(std, dtype=torch.float32).view(3)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise InputError(
+            f"--mean {meta_path.with_suffix('.npy')}: its statistics {meta_path} are missing or "
+            f"unreadable ({type(exc).__name__}); keep the files `pipeline mean` writes together "
+            "or run it again") from None
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:

@@ -197,3 +197,20 @@ def test_ddp_two_processes_run_an_epoch(dataset, tmp_path):
     assert len(rows) == 1  # only rank 0 writes
     assert int(rows[0]["train_images"]) == 36  # summed over both ranks' halves
     assert done.stdout.count('"best_val_top1"') == 1  # only rank 0 reports
+
+
+def test_mean_file_normalizes_by_its_own_statistics_and_never_guesses(dataset, tmp_path):
+    from pipeline.checkpoint import Normalization
+    from pipeline.mean import compute_mean
+    from pipeline.preprocess import InputSpec
+
+    compute_mean(dataset / "train.txt", tmp_path / "mean.npy", size=72, workers=1)
+    spec = InputSpec(crop=64, resize=72)
+    normalization = Normalization.from_mean_file(tmp_path / "mean.npy", spec)
+    stats = json.loads((tmp_path / "mean.json").read_text())
+    assert normalization.kind == "mean_image" and normalization.mean.shape == (3, 64, 64)
+    assert torch.allclose(normalization.std.flatten(), torch.tensor(stats["std"]))
+    assert float(normalization.std.min()) > 20  # 0-255 units: a std of 1 would be 60x off
+    (tmp_path / "mean.json").unlink()
+    with pytest.raises(InputError, match="statistics .*mean.json are missing"):
+        Normalization.from_mean_file(tmp_path / "mean.npy", spec)
