@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from pipeline import __version__, progress
+from pipeline.archs import ARCHS
 from pipeline.errors import InputError
 from pipeline.finetune.options import CACHE_DTYPES, PRECISIONS, SCHEDULES, FinetuneConfig
 from pipeline.gather.options import GatherOptions
@@ -150,7 +151,7 @@ def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Pat
         placeholder_after=placeholder_after)
     report = stage.gather_synsets(urls, requested, options, is_a=is_a,
                                   with_hyponyms=with_hyponyms)
-    click.echo(stage.format_summary(report, read_words(words) if words else None))
+    click.echo(report.summary(read_words(words) if words else None))
     if report.interrupted_by:
         sys.exit(128 + report.interrupted_by)
 
@@ -180,7 +181,7 @@ def validate(root: Path, quarantine: Path | None, report: Path | None, min_size:
         quarantine=quarantine or root.parent / "rejected",
         report=report or root.parent / "validate.jsonl",
         min_size=min_size, workers=workers, seconds_per_file=seconds_per_file)
-    click.echo(stage.format_validate_summary(stage.validate(root, options)))
+    click.echo(stage.validate(root, options).summary())
 
 
 @cli.command()
@@ -198,13 +199,12 @@ def label(root: Path, out: Path, val_ratio: float, seed: int, words: Path | None
     top-level class. Writes OUT/train.txt, OUT/val.txt ("path label" lines), OUT/labels.txt,
     OUT/root.txt and OUT/duplicates.txt. Identical files always land on the same side.
     """
-    from pipeline.manifest import format_label_summary
-    from pipeline.manifest import label as run_label
+    from pipeline.label import label as run_label
     from pipeline.urllist import read_words
 
     report = run_label(root, out, val_ratio=val_ratio, seed=seed,
                        words=read_words(words) if words else None)
-    click.echo(format_label_summary(report))
+    click.echo(report.summary())
 
 
 @cli.command()
@@ -219,12 +219,7 @@ def mean(manifest: Path, size: int, out: Path, workers: int) -> None:
     """Compute the mean image of MANIFEST's images (after training's resize/crop)."""
     from pipeline.mean import compute_mean
 
-    result = compute_mean(manifest, out, size=size, workers=workers)
-    rgb = ", ".join(f"{m:.2f}" for m in result.channel_mean)
-    std = ", ".join(f"{s:.2f}" for s in result.channel_std)
-    click.echo(f"mean of {result.count} image(s) at {size}x{size}: RGB mean [{rgb}], "
-               f"std [{std}]; {len(result.failed)} failed")
-    click.echo("wrote " + ", ".join(str(p) for p in result.outputs))
+    click.echo(compute_mean(manifest, out, size=size, workers=workers).summary())
 
 
 @cli.command()
@@ -238,17 +233,11 @@ def pack(manifest: Path, size: int, out: Path, workers: int) -> None:
     """Pre-decode MANIFEST's images into one HDF5 file (uint8, one image per chunk)."""
     from pipeline.pack import pack as run_pack
 
-    result = run_pack(manifest, out, size=size, workers=workers)
-    click.echo(f"packed {result.count} image(s) at {size}x{size} into {result.path}; "
-               f"{len(result.failed)} failed")
-
-
-ARCH_CHOICES = ("alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
-                "vgg19", "vgg19_bn")
+    click.echo(run_pack(manifest, out, size=size, workers=workers).summary())
 
 
 @cli.command()
-@click.option("--arch", type=click.Choice(ARCH_CHOICES), default="alexnet", show_default=True)
+@click.option("--arch", type=click.Choice(ARCHS), default="alexnet", show_default=True)
 @click.option("--freeze-until", metavar="NAME", help="Mark the layers this would freeze.")
 def layers(arch: str, freeze_until: str | None) -> None:
     """Print an architecture's layers under their classic names (conv1 ... fc8)."""
@@ -263,7 +252,7 @@ def layers(arch: str, freeze_until: str | None) -> None:
               help="Training data: a manifest (manifests/train.txt) or a packed .h5 file.")
 @click.option("--val", "val_data", type=click.Path(path_type=Path),
               help="Validation data (manifest or .h5), evaluated after every epoch.")
-@click.option("--arch", type=click.Choice(ARCH_CHOICES), default="alexnet", show_default=True)
+@click.option("--arch", type=click.Choice(ARCHS), default="alexnet", show_default=True)
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (torchvision's cache), none (from scratch), or a .pt/.pth file.")
 @click.option("--freeze-until", default="conv4", show_default=True, metavar="NAME",
@@ -366,9 +355,8 @@ def evaluate(checkpoint: Path, data: Path, out: Path | None, batch_size: int,
     from pipeline.evaluate import evaluate_checkpoint
 
     out = out or checkpoint.parent / f"eval-{data.stem}"
-    result = evaluate_checkpoint(checkpoint, data, out, batch_size=batch_size, workers=workers)
-    click.echo(f"{result.count} image(s): top1 {result.top1:.4f}, top5 {result.top5:.4f}, "
-               f"loss {result.loss:.4f}; {len(result.skipped)} skipped; reports in {out}")
+    click.echo(evaluate_checkpoint(checkpoint, data, out, batch_size=batch_size,
+                                   workers=workers).summary())
 
 
 @cli.command()
@@ -379,15 +367,10 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int) -> None:
     """Classify IMAGES with CHECKPOINT: top-k classes with probabilities."""
     from pipeline.evaluate import predict as run_predict
 
-    failed = 0
-    for prediction in run_predict(checkpoint, list(images), top_k):
-        if prediction.error:
-            failed += 1
-            click.echo(f"{prediction.path}\terror: {prediction.error}")
-            continue
-        ranked = "  ".join(f"{p:.3f} {wnid} ({name.split(',')[0]})"
-                           for p, wnid, name in prediction.top)
-        click.echo(f"{prediction.path}\t{ranked}")
+    predictions = run_predict(checkpoint, list(images), top_k)
+    for prediction in predictions:
+        click.echo(prediction.summary())
+    failed = sum(1 for prediction in predictions if prediction.error)
     if failed:
         raise InputError(f"{failed} of {len(images)} image(s) could not be read")
 

@@ -27,17 +27,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.errors import InputError
 from pipeline.images import ImageDecodeError, decode_image
 from pipeline.manifest import read_labels, read_manifest
+from pipeline.packfile import IMAGES, is_packfile, read_index
 from pipeline.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
-
-HDF5_SUFFIXES = (".h5", ".hdf5")
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    wnid: str
-    name: str
 
 
 @dataclass
@@ -91,7 +84,7 @@ class ManifestImages(_ImageSource):
         self.root = manifest.root
         self.paths = manifest.paths  # numpy, not a list: forked workers share the pages
         self.labels = manifest.labels
-        self.classes = [ClassInfo(c.wnid, c.name) for c in read_labels(manifest_path.parent)]
+        self.classes = read_labels(manifest_path.parent)
 
     def image(self, index: int) -> Image.Image:
         return decode_image(self.root / str(self.paths[index]), min_side=self.spec.decode_side)
@@ -106,13 +99,7 @@ class PackedImages(_ImageSource):
     def __init__(self, h5_path: Path, spec: InputSpec, train: bool, seed: int) -> None:
         super().__init__(spec, train, seed)
         self.h5_path = h5_path
-        try:
-            with h5py.File(h5_path, "r") as h5:
-                self.labels = h5["labels"][:]
-                self.classes = [ClassInfo(w, n) for w, n in zip(
-                    h5.attrs["label_wnids"], h5.attrs["label_names"], strict=True)]
-        except (OSError, KeyError) as exc:
-            raise InputError(f"{h5_path} is not an HDF5 file from `pipeline pack`: {exc}") from None
+        self.labels, self.classes = read_index(h5_path)
         self._file: h5py.File | None = None
         self._pid = -1
 
@@ -120,7 +107,7 @@ class PackedImages(_ImageSource):
         if self._file is None or self._pid != os.getpid():
             self._file = h5py.File(self.h5_path, "r")
             self._pid = os.getpid()
-        return self._file["images"]
+        return self._file[IMAGES]
 
     def image(self, index: int) -> Image.Image:
         return Image.fromarray(self._images()[index], "RGB")
@@ -139,7 +126,7 @@ def open_images(source: Path, spec: InputSpec, *, train: bool, seed: int = 0) ->
     if not source.exists():
         raise InputError(f"{source} does not exist (a manifest from `pipeline label` or an "
                          "HDF5 file from `pipeline pack`)")
-    if source.suffix.lower() in HDF5_SUFFIXES:
+    if is_packfile(source):
         return PackedImages(source, spec, train, seed)
     return ManifestImages(source, spec, train, seed)
 

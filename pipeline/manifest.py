@@ -1,28 +1,20 @@
-"""`pipeline label` and the project's one manifest reader.
+"""The manifest format: the project's one reader and writer of manifests and the label map.
 
 A manifest is `path label` per line, the path relative to a dataset root that is recorded in
 `root.txt` beside the manifests, so every consumer (mean, pack, the loader) resolves paths the
-same way wherever it runs from.
+same way wherever it runs from. `pipeline label` writes them (pipeline/label.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import random
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_text
-from pipeline.images import is_image_path
-from pipeline.tables import format_table
-
-log = logging.getLogger(__name__)
 
 ROOT_FILE = "root.txt"
 LABELS_FILE = "labels.txt"
@@ -49,10 +41,21 @@ class Manifest:
 
 
 @dataclass(frozen=True)
-class LabelClass:
+class ClassRecord:
+    """One class, as the label map, a pack and a checkpoint all describe it."""
+
     index: int
     wnid: str
     name: str
+
+    @property
+    def display_name(self) -> str:
+        return display_name(self.name)
+
+
+def display_name(name: str) -> str:
+    """WordNet names are comma-separated synonyms ("tabby, tabby cat"); show the first."""
+    return name.split(",")[0]
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -96,7 +99,7 @@ def manifest_root(manifest_dir: Path) -> Path:
     return (manifest_dir / record.read_text(encoding="utf-8").strip()).resolve()
 
 
-def read_labels(manifest_dir: Path) -> list[LabelClass]:
+def read_labels(manifest_dir: Path) -> list[ClassRecord]:
     path = manifest_dir / LABELS_FILE
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -107,147 +110,25 @@ def read_labels(manifest_dir: Path) -> list[LabelClass]:
         parts = line.split(maxsplit=2)
         if len(parts) < 2 or not parts[0].isdigit() or int(parts[0]) != len(classes):
             raise InputError(f"{path}:{lineno}: expected '<index> <wnid> <name>' in order")
-        classes.append(LabelClass(int(parts[0]), parts[1], parts[2] if len(parts) > 2 else ""))
+        classes.append(ClassRecord(int(parts[0]), parts[1], parts[2] if len(parts) > 2 else ""))
     return classes
+
+
+def has_labels(manifest_dir: Path) -> bool:
+    return (manifest_dir / LABELS_FILE).exists()
 
 
 def write_manifest(path: Path, pairs: list[tuple[str, int]]) -> None:
     atomic_write_text(path, "".join(f"{image} {label}\n" for image, label in pairs))
 
 
-@dataclass
-class LabelReport:
-    classes: list[LabelClass]
-    train: Counter[int] = field(default_factory=Counter)
-    val: Counter[int] = field(default_factory=Counter)
-    ignored: int = 0
-    duplicate_groups: int = 0
-    duplicate_files: int = 0
+def write_labels(out: Path, classes: list[ClassRecord]) -> None:
+    atomic_write_text(out / LABELS_FILE, "".join(f"{c.index} {c.wnid} {c.name}\n" for c in classes))
 
 
-def label(root: Path, out: Path, *, val_ratio: float = 0.1, seed: int = 0,
-          words: dict[str, str] | None = None) -> LabelReport:
-    """Write train/val manifests, the label map and root.txt for the class folders of `root`."""
-    if not 0.0 <= val_ratio < 1.0:
-        raise InputError(f"--val-ratio {val_ratio} must be in [0, 1)")
-    class_dirs = _class_dirs(root)
-    classes = [LabelClass(i, d.name, (words or {}).get(d.name, d.name))
-               for i, d in enumerate(class_dirs)]
-    report = LabelReport(classes)
-    images: dict[int, list[str]] = {}
-    for klass, folder in zip(classes, class_dirs, strict=True):
-        images[klass.index], ignored = _list_images(root, folder)
-        report.ignored += ignored
-    if not any(images.values()):
-        raise InputError(f"no images under {root} (expected {root}/<class>/<image files>)")
-    digests = _digests(root, images)
-    split = _split(images, digests, val_ratio, seed)
-    _write_outputs(root, out, classes, split, digests, report)
-    return report
-
-
-def _class_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise InputError(f"dataset folder {root} does not exist or is not a folder")
-    try:
-        dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    except OSError as exc:
-        raise InputError(f"cannot list {root}: {exc}") from None
-    if len(dirs) < 2:
-        raise InputError(f"{root} has {len(dirs)} class folder(s); a classifier needs at least "
-                         "2 (one folder per class, e.g. data/raw/n02123045/)")
-    return dirs
-
-
-def _list_images(root: Path, folder: Path) -> tuple[list[str], int]:
-    """Every image below `folder` (nested folders belong to it), sorted; and non-images."""
-    found, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise_unreadable):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            path = Path(dirpath, name)
-            if name.startswith("."):
-                continue
-            if is_image_path(path):
-                found.append(path.relative_to(root).as_posix())
-            else:
-                ignored += 1
-    return sorted(found), ignored
-
-
-def _raise_unreadable(error: OSError) -> None:
-    raise InputError(f"cannot read folder {error.filename}: {error.strerror}")
-
-
-def _digests(root: Path, images: dict[int, list[str]]) -> dict[str, str]:
-    digests = {}
-    for paths in images.values():
-        for path in paths:
-            with open(root / path, "rb") as handle:
-                digests[path] = hashlib.file_digest(handle, "sha256").hexdigest()
-    return digests
-
-
-def _split(images: dict[int, list[str]], digests: dict[str, str], val_ratio: float,
-           seed: int) -> dict[str, list[tuple[str, int]]]:
-    """Stratified, seeded split by groups of identical files, so a photo never leaks.
-
-    Every class with at least 2 images gets at least one in each split, unless its copies
-    of one photo leave no way to do that.
-    """
-    rng = random.Random(seed)
-    side_of_digest: dict[str, str] = {}
-    split: dict[str, list[tuple[str, int]]] = {"train": [], "val": []}
-    for label_index in sorted(images):
-        groups: dict[str, list[str]] = defaultdict(list)
-        for path in images[label_index]:
-            groups[digests[path]].append(path)
-        order = sorted(groups)
-        rng.shuffle(order)
-        want_val = _val_count(len(images[label_index]), val_ratio)
-        in_val = 0
-        for digest in order:
-            side = side_of_digest.setdefault(
-                digest, "val" if in_val + len(groups[digest]) <= want_val else "train")
-            in_val += len(groups[digest]) if side == "val" else 0
-            split[side].extend((path, label_index) for path in groups[digest])
-    for pairs in split.values():
-        pairs.sort(key=lambda pair: (pair[1], pair[0]))
-    return split
-
-
-def _val_count(n_images: int, val_ratio: float) -> int:
-    if n_images < 2 or val_ratio == 0:
-        return 0
-    return min(n_images - 1, max(1, round(n_images * val_ratio)))
-
-
-def _write_outputs(root: Path, out: Path, classes: list[LabelClass],
-                   split: dict[str, list[tuple[str, int]]], digests: dict[str, str],
-                   report: LabelReport) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for side in ("train", "val"):
-        write_manifest(out / f"{side}.txt", split[side])
-    report.train.update(label for _, label in split["train"])
-    report.val.update(label for _, label in split["val"])
-    atomic_write_text(out / LABELS_FILE,
-                      "".join(f"{c.index} {c.wnid} {c.name}\n" for c in classes))
+def write_root(out: Path, root: Path) -> None:
     atomic_write_text(out / ROOT_FILE, os.path.relpath(root.resolve(), out.resolve()) + "\n")
-    groups: dict[str, list[str]] = defaultdict(list)
-    for path, digest in sorted(digests.items()):
-        groups[digest].append(path)
-    duplicates = [paths for paths in groups.values() if len(paths) > 1]
-    report.duplicate_groups = len(duplicates)
-    report.duplicate_files = sum(len(paths) for paths in duplicates)
-    atomic_write_text(out / DUPLICATES_FILE,
-                      "".join("\t".join(paths) + "\n" for paths in duplicates))
 
 
-def format_label_summary(report: LabelReport) -> str:
-    rows = [["index", "class", "train", "val", "name"]]
-    rows += [[str(c.index), c.wnid, str(report.train[c.index]), str(report.val[c.index]),
-              c.name.split(",")[0]] for c in report.classes]
-    return (f"{format_table(rows)}\n"
-            f"{sum(report.train.values())} train, {sum(report.val.values())} val; "
-            f"{report.ignored} non-image file(s) ignored; {report.duplicate_groups} group(s) "
-            f"of identical files ({report.duplicate_files} files) kept on one side")
+def write_duplicates(out: Path, groups: list[list[str]]) -> None:
+    atomic_write_text(out / DUPLICATES_FILE, "".join("\t".join(paths) + "\n" for paths in groups))

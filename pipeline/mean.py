@@ -54,6 +54,14 @@ class MeanResult:
     failed: list[tuple[str, str]]
     outputs: list[Path]
 
+    def summary(self) -> str:
+        size = self.mean.shape[0]
+        rgb = ", ".join(f"{m:.2f}" for m in self.channel_mean)
+        std = ", ".join(f"{s:.2f}" for s in self.channel_std)
+        return (f"mean of {self.count} image(s) at {size}x{size}: RGB mean [{rgb}], "
+                f"std [{std}]; {len(self.failed)} failed\n"
+                "wrote " + ", ".join(str(p) for p in self.outputs))
+
 
 def compute_mean(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
                  workers: int = 1) -> MeanResult:

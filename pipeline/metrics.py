@@ -23,6 +23,9 @@ class EvalResult:
     count: int = 0
     skipped: list[str] = field(default_factory=list)
     confusion: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    # Per evaluated image, in data order (skipped images left out): top-1 class, its probability.
+    predicted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def per_class_accuracy(self) -> np.ndarray:
         totals = self.confusion.sum(axis=1)
@@ -49,6 +52,7 @@ def evaluate_loader(model: nn.Module, loader: torch.utils.data.DataLoader,
     loss_sum, hits1, hits5 = 0.0, 0, 0
     k = min(5, num_classes)
     progress = Progress(label, total=len(loader))
+    predicted, confidence = [], []
     for batch in loader:
         result.skipped += batch.skipped
         progress.update()
@@ -62,8 +66,13 @@ def evaluate_loader(model: nn.Module, loader: torch.utils.data.DataLoader,
         hits1 += int((top[:, 0] == labels).sum())
         hits5 += int((top == labels[:, None]).any(dim=1).sum())
         np.add.at(result.confusion, (labels.cpu().numpy(), top[:, 0].cpu().numpy()), 1)
+        predicted.append(top[:, 0].cpu().numpy())
+        confidence.append(logits.softmax(dim=1).max(dim=1).values.cpu().numpy())
         result.count += len(labels)
     progress.close()
+    if predicted:
+        result.predicted = np.concatenate(predicted).astype(np.int64)
+        result.confidence = np.concatenate(confidence).astype(np.float32)
     model.train(was_training)
     if result.count:
         result.top1, result.top5 = hits1 / result.count, hits5 / result.count

@@ -17,14 +17,15 @@ import torch
 import torchvision
 from torch import nn
 
+from pipeline import checkpoint
+from pipeline.archs import ARCHS
 from pipeline.errors import InputError
+from pipeline.manifest import ClassRecord
+from pipeline.normalization import Normalization
+from pipeline.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
-         "vgg19_bn")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SCRATCH_INIT_GAIN = 0.7
 
 
@@ -112,13 +113,31 @@ def train_mode(model: nn.Module, frozen_batchnorms: list[nn.Module]) -> None:
         module.eval()
 
 
-def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> nn.Module:
+@dataclass(frozen=True)
+class LocalWeights:
+    """A --weights file, read once: the state dict, and how its inputs were normalized when
+    it is a checkpoint of ours (a torchvision .pth does not say)."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    normalization: Normalization | None
+
+
+def resolve_weights(weights: str) -> str | LocalWeights:
+    """"imagenet" and "none" stay names; anything else is a file, read here once."""
+    return weights if weights in ("imagenet", "none") else read_local_weights(Path(weights))
+
+
+def build_model(arch: str, num_classes: int,
+                weights: str | LocalWeights = "imagenet") -> nn.Module:
     """A torchvision model with `weights` loaded and fc8 replaced for `num_classes`.
 
     `weights`: "imagenet" (torchvision's weights API and cache), "none", or a local file
-    (our checkpoint or a torchvision .pth state dict).
+    (our checkpoint or a torchvision .pth state dict), by path or already read.
     """
     check_arch(arch)
+    if isinstance(weights, str):
+        weights = resolve_weights(weights)
     if weights == "none":
         model = torchvision.models.get_model(arch, weights=None)
         if arch == "alexnet":
@@ -127,14 +146,14 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> nn.Mo
         model = torchvision.models.get_model(arch, weights=None)
         model.load_state_dict(_imagenet_state_dict(arch))
     else:
-        state = _local_state_dict(Path(weights))
-        model = torchvision.models.get_model(arch, weights=None,
-                                             num_classes=_fc8_outputs(state, weights))
+        model = torchvision.models.get_model(
+            arch, weights=None, num_classes=_fc8_outputs(weights.state, weights.path))
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(weights.state)
         except RuntimeError as exc:
             first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-            raise InputError(f"--weights {weights} does not fit --arch {arch}: {first}") from None
+            raise InputError(
+                f"--weights {weights.path} does not fit --arch {arch}: {first}") from None
     replace_fc8(model, num_classes)
     return model
 
@@ -176,21 +195,41 @@ def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
             "default ~/.cache/torch), or pass --weights PATH or --weights none") from None
 
 
-def _local_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_local_weights(path: Path) -> LocalWeights:
     if not path.is_file():
         raise InputError(f"--weights {path}: no such file (use imagenet, none or a .pt/.pth)")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-liner
-        raise InputError(f"--weights {path} is not a readable PyTorch file: {exc}") from None
+    loaded = checkpoint.read_torch_file(path, "--weights")
     state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"--weights {path} holds no state dict (expected a checkpoint from "
                          "`pipeline finetune` or a torchvision .pth)")
-    return state
+    normalization = (Normalization.from_state(loaded["normalization"])
+                     if checkpoint.is_checkpoint(loaded) else None)
+    return LocalWeights(path, state, normalization)
 
 
-def _fc8_outputs(state: dict[str, torch.Tensor], source: str) -> int:
+@dataclass
+class Inference:
+    """What evaluate and predict need, all taken from one checkpoint."""
+
+    model: nn.Module
+    spec: InputSpec
+    normalization: Normalization
+    classes: list[ClassRecord]
+
+
+def inference_from(path: Path, device: torch.device) -> Inference:
+    payload = checkpoint.load(path)
+    model = torchvision.models.get_model(payload["arch"], weights=None)
+    replace_fc8(model, len(payload["classes"]))
+    model.load_state_dict(payload["model"])
+    model.to(device).eval()
+    return Inference(model, checkpoint.spec_from(payload["input"]),
+                     Normalization.from_state(payload["normalization"]),
+                     checkpoint.classes_from(payload["classes"]))
+
+
+def _fc8_outputs(state: dict[str, torch.Tensor], source: Path) -> int:
     weight = state.get("classifier.6.weight")
     if weight is None:
         raise InputError(f"--weights {source} has no classifier.6 (fc8) layer; is it an "

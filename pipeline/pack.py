@@ -19,21 +19,26 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.fsutil import TEMP_SUFFIX
 from pipeline.images import ImageDecodeError
-from pipeline.manifest import LabelClass, Manifest, read_labels, read_manifest
+from pipeline.manifest import ClassRecord, Manifest, read_labels, read_manifest
+from pipeline.packfile import create_images, write_index
 from pipeline.parallel import chunks_in_flight, imap
 from pipeline.preprocess import DEFAULT_SIZE, load_square
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 CHUNK = 32
-PREPROCESSING = "decode_image -> shorter side to size (bilinear) -> center crop size x size"
 
 
 @dataclass
 class PackResult:
     path: Path
     count: int
+    size: int
     failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"packed {self.count} image(s) at {self.size}x{self.size} into {self.path}; "
+                f"{len(self.failed)} failed")
 
 
 def pack(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
@@ -46,9 +51,7 @@ def pack(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
-        result = _write(manifest, classes, temp, size, workers)
-        with h5py.File(temp, "a") as h5:
-            h5.attrs["manifest"] = str(Path(manifest_path).resolve())
+        result = _write(manifest, classes, temp, size, workers, Path(manifest_path))
         os.replace(temp, out)
     finally:
         temp.unlink(missing_ok=True)
@@ -58,13 +61,13 @@ def pack(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
     return result
 
 
-def _write(manifest: Manifest, classes: list[LabelClass], temp: Path, size: int,
-           workers: int) -> PackResult:
+def _write(manifest: Manifest, classes: list[ClassRecord], temp: Path, size: int,
+           workers: int, manifest_path: Path) -> PackResult:
     """Workers decode chunks straight into a shared ring of buffers and send back only counts
     and errors; this process copies each buffer into the HDF5 file. Shipping the decoded
     pixels through pipes instead cost more CPU than decoding them."""
     count = len(manifest)
-    result = PackResult(temp, 0)
+    result = PackResult(temp, 0, size)
     slots = chunks_in_flight(workers)
     ring = mmap.mmap(-1, slots * CHUNK * size * size * 3)
     buffers = np.frombuffer(ring, np.uint8).reshape(slots, CHUNK, size, size, 3)
@@ -74,8 +77,7 @@ def _write(manifest: Manifest, classes: list[LabelClass], temp: Path, size: int,
     kept: list[int] = []
     progress = Progress("pack", total=count)
     with h5py.File(temp, "w") as h5:
-        images = h5.create_dataset("images", (count, size, size, 3), dtype=np.uint8,
-                                   chunks=(1, size, size, 3), maxshape=(None, size, size, 3))
+        images = create_images(h5, count, size)
         decoded = imap(_decode_into_slot, jobs, workers, chunksize=1,
                        initializer=_attach_ring, initargs=(buffers,))
         for start, (slot, _), (good, errors) in zip(range(0, count, CHUNK), jobs, decoded,
@@ -89,14 +91,8 @@ def _write(manifest: Manifest, classes: list[LabelClass], temp: Path, size: int,
                     kept.append(start + offset)
             progress.update(min(CHUNK, count - start))
         images.resize(len(kept), axis=0)
-        h5.create_dataset("labels", data=manifest.labels[kept].astype(np.int64))
-        h5.create_dataset("paths", data=[str(p) for p in manifest.paths[kept]],
-                          dtype=h5py.string_dtype("utf-8"))
-        h5.attrs.update({
-            "size": size, "channels": "RGB", "layout": "NHWC uint8",
-            "preprocessing": PREPROCESSING, "root": str(manifest.root),
-            "label_wnids": [c.wnid for c in classes], "label_names": [c.name for c in classes],
-        })
+        write_index(h5, labels=manifest.labels[kept], paths=[str(p) for p in manifest.paths[kept]],
+                    size=size, root=manifest.root, classes=classes, manifest=manifest_path)
     progress.close()
     result.count = len(kept)
     return result

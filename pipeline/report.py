@@ -3,6 +3,10 @@
 It gathers what a user wants to see after the chain: what the download kept and dropped and
 why, the classes, the mean image, sample images, the learning curves (of several runs side
 by side, e.g. fine-tuned vs from scratch), the confusion matrix and misclassified images.
+
+It only reads what the stages wrote (the run folder, the manifests, the gather journal,
+`pipeline evaluate`'s folder) and computes nothing about the model. Each section is read,
+then plotted, then turned into HTML, in that order and by separate functions.
 """
 
 from __future__ import annotations
@@ -23,15 +27,23 @@ from pipeline.errors import InputError
 from pipeline.fsutil import atomic_open, atomic_write_text
 from pipeline.images import ImageDecodeError
 from pipeline.journal import JOURNAL_NAME, read_journal
-from pipeline.manifest import read_labels, read_manifest
+from pipeline.manifest import (
+    ClassRecord,
+    Manifest,
+    display_name,
+    has_labels,
+    read_labels,
+    read_manifest,
+)
+from pipeline.packfile import is_packfile, manifest_of
 from pipeline.preprocess import load_square
 
 log = logging.getLogger(__name__)
 
 SAMPLES_PER_CLASS = 6
-MAX_MISCLASSIFIED = 12
-MAX_PREDICTED = 400
 
+
+# -- reading
 
 @dataclass
 class RunInfo:
@@ -39,6 +51,7 @@ class RunInfo:
     folder: Path
     config: dict[str, Any]
     log: list[dict[str, float]]
+    feature_cache: dict[str, Any] | None
 
     @property
     def best_top1(self) -> float:
@@ -57,33 +70,100 @@ def read_run(folder: Path) -> RunInfo:
                     for row in csv.DictReader(handle)]
     except (OSError, ValueError) as exc:
         raise InputError(f"{folder} is not a finished `pipeline finetune` run: {exc}") from None
-    return RunInfo(folder.name, folder, config, rows)
+    metrics_path = folder / "metrics.json"
+    metrics = (json.loads(metrics_path.read_text(encoding="utf-8"))
+               if metrics_path.exists() else {})
+    return RunInfo(folder.name, folder, config, rows, metrics.get("feature_cache"))
 
+
+@dataclass
+class ClassesInfo:
+    classes: list[ClassRecord]
+    train: Manifest
+    val_counts: Counter[int]
+
+
+def read_classes(manifest_dir: Path) -> ClassesInfo:
+    val_path = manifest_dir / "val.txt"
+    val = Counter(read_manifest(val_path).labels.tolist()) if val_path.exists() else Counter()
+    return ClassesInfo(read_labels(manifest_dir), read_manifest(manifest_dir / "train.txt"), val)
+
+
+def read_gather(journal: Path) -> dict[str, Counter[str]]:
+    """Outcome counts per class over the journal (the last record of each URL)."""
+    per_class: dict[str, Counter[str]] = defaultdict(Counter)
+    for record in read_journal(journal).values():
+        per_class[record.get("class", record.get("wnid", "?"))][record["outcome"]] += 1
+    return per_class
+
+
+@dataclass
+class EvaluationInfo:
+    data: str
+    folder: Path
+    figures: dict[str, Any]  # eval.json as `pipeline evaluate` wrote it
+
+    @property
+    def names(self) -> dict[str, str]:
+        return {c["wnid"]: display_name(c["name"]) for c in self.figures.get("classes", [])}
+
+
+def read_evaluation(run: RunInfo) -> EvaluationInfo | None:
+    """`pipeline evaluate`'s output for the run's validation data, in its default folder."""
+    val = run.config.get("val")
+    if not val:
+        return None
+    folder = run.folder / f"eval-{Path(val).stem}"
+    if not (folder / "eval.json").exists():
+        log.info("report: no evaluation in %s (run `pipeline evaluate` first to include it)",
+                 folder)
+        return None
+    return EvaluationInfo(str(val), folder,
+                          json.loads((folder / "eval.json").read_text(encoding="utf-8")))
+
+
+def _manifest_dir(train: Path) -> Path:
+    """The manifests folder behind the training data (a manifest, or a pack that names one)."""
+    return manifest_of(train).parent if is_packfile(train) else train.parent
+
+
+def _mean_png(config: dict[str, Any]) -> Path | None:
+    mean = str(config.get("mean", ""))
+    if mean.endswith(".npy") and Path(mean).with_suffix(".png").exists():
+        return Path(mean).with_suffix(".png")
+    return None
+
+
+# -- the page
 
 def build_report(run_dir: Path, *, compare: list[Path] | None = None,
                  out: Path | None = None, title: str | None = None,
                  mean_image: Path | None = None) -> Path:
     """Write OUT/report.html plus one PNG per figure; returns the HTML path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     run = read_run(run_dir)
     others = [read_run(folder) for folder in compare or []]
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
     manifest_dir = _manifest_dir(Path(run.config["train"]))
     sections = [_summary_section(run, others)]
-    sections.append(_curves_section([run, *others], out))
-    if (manifest_dir / "labels.txt").exists():
-        sections.append(_classes_section(manifest_dir, out))
-        journal = read_manifest(manifest_dir / "train.txt").root / JOURNAL_NAME
+    plot_curves([run, *others], out / "curves.png")
+    sections.append(_figure("Training and validation curves", out / "curves.png", "", out))
+    if has_labels(manifest_dir):
+        classes = read_classes(manifest_dir)
+        plot_samples(classes, out / "samples.png")
+        sections.append(_classes_section(classes, out))
+        journal = classes.train.root / JOURNAL_NAME
         if journal.exists():
-            sections.append(_gather_section(journal, out))
+            per_class = read_gather(journal)
+            plot_gather(per_class, out / "gather.png")
+            sections.append(_gather_section(per_class, out))
     mean_png = mean_image or _mean_png(run.config)
     if mean_png is not None:
         sections.append(_figure("Mean image (the training set's, after resize/crop)",
                                 mean_png, "mean.png", out))
-    sections.extend(_evaluation_sections(run, out))
+    evaluation = read_evaluation(run)
+    if evaluation is not None:
+        sections.extend(_evaluation_sections(evaluation, out))
     page = _page(title or f"pipeline report: {run.name}", sections)
     atomic_write_text(out / "report.html", page)
     return out / "report.html"
@@ -99,14 +179,11 @@ def _summary_section(run: RunInfo, others: list[RunInfo]) -> str:
     if others:
         gaps = ", ".join(f"{run.best_top1 - o.best_top1:+.1%} vs {o.name}" for o in others)
         verdict = f"<p><b>{html.escape(run.name)}</b>: {html.escape(gaps)} (best val top-1).</p>"
-    return "<h2>Runs</h2>" + _table(rows) + verdict + _cache_note(run)
+    return "<h2>Runs</h2>" + _table(rows) + verdict + _cache_note(run.feature_cache)
 
 
-def _cache_note(run: RunInfo) -> str:
+def _cache_note(cache: dict[str, Any] | None) -> str:
     """Whether the frozen-trunk feature cache was used, and what it saved."""
-    metrics_path = run.folder / "metrics.json"
-    cache = (json.loads(metrics_path.read_text(encoding="utf-8")).get("feature_cache")
-             if metrics_path.exists() else None)
     if not cache:
         return "<p>Feature cache: not used (every epoch ran the frozen layers).</p>"
     how = ("reused from an earlier run" if cache["reused"]
@@ -116,11 +193,59 @@ def _cache_note(run: RunInfo) -> str:
             f"it saved this run: about {cache['trunk_seconds_saved_estimate']:.0f} s.</p>")
 
 
-def _curves_section(runs: list[RunInfo], out: Path) -> str:
+def _classes_section(info: ClassesInfo, out: Path) -> str:
+    train_counts = Counter(info.train.labels.tolist())
+    rows = [["index", "class", "name", "train", "val"]]
+    rows += [[str(c.index), c.wnid, c.display_name, str(train_counts.get(c.index, 0)),
+              str(info.val_counts.get(c.index, 0))] for c in info.classes]
+    return ("<h2>Classes</h2>" + _table(rows)
+            + _figure("Sample training images per class", out / "samples.png", "", out))
+
+
+def _gather_section(per_class: dict[str, Counter[str]], out: Path) -> str:
+    outcomes = _outcome_order(per_class)
+    rows = [["class", *outcomes]] + [[klass, *(str(per_class[klass][o]) for o in outcomes)]
+                                     for klass in sorted(per_class)]
+    return ("<h2>Download: kept and dropped</h2>" + _table(rows)
+            + _figure("What happened to every URL", out / "gather.png", "", out))
+
+
+def _evaluation_sections(evaluation: EvaluationInfo, out: Path) -> list[str]:
+    result, names = evaluation.figures, evaluation.names
+    per_class = result.get("per_class_top1", {})
+    # With five classes or fewer top-5 is always 100%: it says nothing, so it is not shown.
+    top5 = f", top-5 {result['top5']:.1%}" if len(per_class) > 5 else ""
+    rows = [["class", "name", "top-1"]] + [[wnid, names.get(wnid, ""), f"{accuracy:.1%}"]
+                                          for wnid, accuracy in per_class.items()]
+    sections = [f"<h2>Evaluation of best.pt on {html.escape(evaluation.data)}</h2>"
+                f"<p>{result['images']} images: top-1 {result['top1']:.1%}{top5}, "
+                f"loss {result['loss']:.3f}</p>",
+                "<div style='display:flex;gap:2em;align-items:flex-start'>"
+                + _table(rows)
+                + _figure("Confusion matrix", evaluation.folder / "confusion.png", "", out)
+                + "</div>"]
+    misclassified = evaluation.folder / "misclassified.png"
+    if misclassified.exists():
+        sections.append(_figure("Misclassified validation images (true class → predicted)",
+                                misclassified, "misclassified.png", out))
+    return sections
+
+
+# -- plotting
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: list[RunInfo], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_axes, acc_axes) = _pyplot().subplots(1, 2, figsize=(11, 4))
     for info in runs:
         epochs = [row["epoch"] for row in info.log]
         loss_axes.plot(epochs, [r.get("train_loss") for r in info.log], "--",
@@ -138,138 +263,42 @@ def _curves_section(runs: list[RunInfo], out: Path) -> str:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(fontsize=8)
         axes.grid(alpha=0.3)
-    return _save_figure(figure, "Training and validation curves", "curves.png", out)
+    _save_figure(figure, path)
 
 
-def _classes_section(manifest_dir: Path, out: Path) -> str:
-    from matplotlib import pyplot as plt
-
-    classes = read_labels(manifest_dir)
-    train = read_manifest(manifest_dir / "train.txt")
-    val_path = manifest_dir / "val.txt"
-    val_counts = Counter(read_manifest(val_path).labels.tolist()) if val_path.exists() else {}
-    train_counts = Counter(train.labels.tolist())
-    rows = [["index", "class", "name", "train", "val"]]
-    rows += [[str(c.index), c.wnid, c.name.split(",")[0], str(train_counts.get(c.index, 0)),
-              str(val_counts.get(c.index, 0))] for c in classes]
-    figure, grid = plt.subplots(len(classes), SAMPLES_PER_CLASS,
-                                figsize=(SAMPLES_PER_CLASS * 1.2, len(classes) * 1.25),
-                                squeeze=False)
-    for klass, axes_row in zip(classes, grid, strict=True):
-        members = np.flatnonzero(train.labels == klass.index)[:SAMPLES_PER_CLASS]
+def plot_samples(info: ClassesInfo, path: Path) -> None:
+    figure, grid = _pyplot().subplots(len(info.classes), SAMPLES_PER_CLASS,
+                                      figsize=(SAMPLES_PER_CLASS * 1.2,
+                                               len(info.classes) * 1.25),
+                                      squeeze=False)
+    for klass, axes_row in zip(info.classes, grid, strict=True):
+        members = np.flatnonzero(info.train.labels == klass.index)[:SAMPLES_PER_CLASS]
         for axes, index in zip(axes_row, list(members) + [None] * SAMPLES_PER_CLASS,
                                strict=False):
             axes.axis("off")
             if index is not None:
-                _show(axes, train.absolute(int(index)))
-        axes_row[0].set_title(klass.name.split(",")[0], fontsize=8, loc="left")
+                _show(axes, info.train.absolute(int(index)))
+        axes_row[0].set_title(klass.display_name, fontsize=8, loc="left")
     figure.tight_layout()
-    return ("<h2>Classes</h2>" + _table(rows)
-            + _save_figure(figure, "Sample training images per class", "samples.png", out))
+    _save_figure(figure, path)
 
 
-def _gather_section(journal: Path, out: Path) -> str:
-    from matplotlib import pyplot as plt
-
-    per_class: dict[str, Counter[str]] = defaultdict(Counter)
-    for record in read_journal(journal).values():
-        per_class[record.get("class", record.get("wnid", "?"))][record["outcome"]] += 1
-    outcomes = sorted({o for c in per_class.values() for o in c}, key=lambda o: (o != "ok", o))
-    totals = Counter()
+def plot_gather(per_class: dict[str, Counter[str]], path: Path) -> None:
+    outcomes = _outcome_order(per_class)
+    totals: Counter[str] = Counter()
     for counts in per_class.values():
         totals.update(counts)
-    figure, axes = plt.subplots(figsize=(8, 3.5))
+    figure, axes = _pyplot().subplots(figsize=(8, 3.5))
     axes.bar(outcomes, [totals[o] for o in outcomes],
              color=["tab:green" if o == "ok" else "tab:red" for o in outcomes])
     axes.set(ylabel="URLs", title=f"gather outcomes ({sum(totals.values())} URLs)")
     axes.tick_params(axis="x", rotation=45)
     figure.tight_layout()
-    rows = [["class", *outcomes]] + [[klass, *(str(per_class[klass][o]) for o in outcomes)]
-                                     for klass in sorted(per_class)]
-    return ("<h2>Download: kept and dropped</h2>" + _table(rows)
-            + _save_figure(figure, "What happened to every URL", "gather.png", out))
+    _save_figure(figure, path)
 
 
-def _labels_near(data: Path) -> list[Any]:
-    """The label map behind a manifest or a pack, or nothing when it cannot be found."""
-    folder = _manifest_dir(data)
-    return read_labels(folder) if (folder / "labels.txt").exists() else []
-
-
-def _manifest_dir(train: Path) -> Path:
-    """The manifests folder behind the training data (a manifest, or a pack that names one)."""
-    if train.suffix.lower() in (".h5", ".hdf5"):
-        import h5py
-
-        with h5py.File(train, "r") as h5:
-            return Path(str(h5.attrs.get("manifest", train))).parent
-    return train.parent
-
-
-def _mean_png(config: dict[str, Any]) -> Path | None:
-    mean = str(config.get("mean", ""))
-    if mean.endswith(".npy") and Path(mean).with_suffix(".png").exists():
-        return Path(mean).with_suffix(".png")
-    return None
-
-
-def _evaluation_sections(run: RunInfo, out: Path) -> list[str]:
-    from pipeline.evaluate import evaluate_checkpoint, predict
-
-    val = run.config.get("val")
-    best = run.folder / "best.pt"
-    if not val or not best.exists():
-        return []
-    evaluation = out / "eval-val"
-    fresh = (evaluation / "eval.json").exists() and (
-        (evaluation / "eval.json").stat().st_mtime >= best.stat().st_mtime)
-    if not fresh:
-        evaluate_checkpoint(best, Path(val), evaluation, workers=0)
-    result = json.loads((evaluation / "eval.json").read_text(encoding="utf-8"))
-    per_class = result.get("per_class_top1", {})
-    # With five classes or fewer top-5 is always 100%: it says nothing, so it is not shown.
-    top5 = f", top-5 {result['top5']:.1%}" if len(per_class) > 5 else ""
-    names = {c.wnid: c.name.split(",")[0] for c in _labels_near(Path(val))}
-    rows = [["class", "name", "top-1"]] + [[wnid, names.get(wnid, ""), f"{accuracy:.1%}"]
-                                          for wnid, accuracy in per_class.items()]
-    sections = [f"<h2>Evaluation of best.pt on {html.escape(str(val))}</h2>"
-                f"<p>{result['images']} images: top-1 {result['top1']:.1%}{top5}, "
-                f"loss {result['loss']:.3f}</p>",
-                "<div style='display:flex;gap:2em;align-items:flex-start'>"
-                + _table(rows)
-                + _figure("Confusion matrix", evaluation / "confusion.png", "", out)
-                + "</div>"]
-    manifest = read_manifest(Path(val)) if Path(val).suffix not in (".h5", ".hdf5") else None
-    if manifest is None:
-        return sections
-    wnids = [c.wnid for c in read_labels(Path(val).parent)]
-    paths = [manifest.absolute(i) for i in range(min(len(manifest), MAX_PREDICTED))]
-    predictions = predict(best, paths, top_k=1)
-    wrong = [(path, prediction) for path, prediction, label in zip(
-        paths, predictions, manifest.labels, strict=False)
-        if prediction.top and prediction.top[0][1] != wnids[label]][:MAX_MISCLASSIFIED]
-    if wrong:
-        sections.append(_misclassified(wrong, out))
-    return sections
-
-
-def _misclassified(wrong: list[tuple[Path, Any]], out: Path) -> str:
-    from matplotlib import pyplot as plt
-
-    columns = 6
-    rows = -(-len(wrong) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9),
-                                squeeze=False)
-    for axes in grid.flat:
-        axes.axis("off")
-    for axes, (path, prediction) in zip(grid.flat, wrong, strict=False):
-        _show(axes, path)
-        probability, wnid, name = prediction.top[0]
-        axes.set_title(f"{path.parent.name}\n→ {name.split(',')[0][:14]} {probability:.0%}",
-                       fontsize=7)
-    figure.tight_layout()
-    return _save_figure(figure, "Misclassified validation images (true class → predicted)",
-                        "misclassified.png", out)
+def _outcome_order(per_class: dict[str, Counter[str]]) -> list[str]:
+    return sorted({o for c in per_class.values() for o in c}, key=lambda o: (o != "ok", o))
 
 
 def _show(axes: Any, path: Path) -> None:
@@ -279,14 +308,13 @@ def _show(axes: Any, path: Path) -> None:
         axes.text(0.5, 0.5, "unreadable", ha="center", fontsize=7)
 
 
-def _save_figure(figure: Any, caption: str, name: str, out: Path) -> str:
-    from matplotlib import pyplot as plt
-
-    with atomic_open(out / name) as handle:
+def _save_figure(figure: Any, path: Path) -> None:
+    with atomic_open(path) as handle:
         figure.savefig(handle, format="png", dpi=90)
-    plt.close(figure)
-    return _figure(caption, out / name, "", out)
+    _pyplot().close(figure)
 
+
+# -- HTML
 
 def _figure(caption: str, path: Path, copy_as: str, out: Path) -> str:
     data = path.read_bytes()

@@ -49,6 +49,20 @@ class ValidateReport:
     def total_rejected(self) -> int:
         return sum(sum(c.values()) for c in self.rejected.values())
 
+    def summary(self) -> str:
+        reasons = sorted({r for c in self.rejected.values() for r in c})
+        header = ["class", "seen", "kept", "rejected", *reasons]
+        rows = [header]
+        for klass in sorted(self.seen):
+            rejected = self.rejected.get(klass, Counter())
+            rows.append([klass, str(self.seen[klass]), str(self.kept[klass]),
+                         str(sum(rejected.values())), *(str(rejected[r]) for r in reasons)])
+        lines = [format_table(rows)]
+        seen, kept = sum(self.seen.values()), sum(self.kept.values())
+        lines.append(f"{seen} file(s) seen = {kept} kept + {self.total_rejected} quarantined; "
+                     f"{self.skipped} unchanged since the last run (not decoded again)")
+        return "\n".join(lines)
+
 
 def validate(root: Path, options: ValidateOptions) -> ValidateReport:
     """Check every file under the class folders of `root`; quarantine the failures."""
@@ -160,18 +174,3 @@ def _quarantine(source: Path, destination: Path) -> Path:
         n += 1
     os.replace(source, candidate)
     return candidate
-
-
-def format_validate_summary(report: ValidateReport) -> str:
-    reasons = sorted({r for c in report.rejected.values() for r in c})
-    header = ["class", "seen", "kept", "rejected", *reasons]
-    rows = [header]
-    for klass in sorted(report.seen):
-        rejected = report.rejected.get(klass, Counter())
-        rows.append([klass, str(report.seen[klass]), str(report.kept[klass]),
-                     str(sum(rejected.values())), *(str(rejected[r]) for r in reasons)])
-    lines = [format_table(rows)]
-    seen, kept = sum(report.seen.values()), sum(report.kept.values())
-    lines.append(f"{seen} file(s) seen = {kept} kept + {report.total_rejected} quarantined; "
-                 f"{report.skipped} unchanged since the last run (not decoded again)")
-    return "\n".join(lines)

@@ -38,10 +38,10 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
-from pipeline.checkpoint import Normalization
 from pipeline.data import EpochSampler, make_loader, open_images
-from pipeline.manifest import label
+from pipeline.label import label
 from pipeline.models import freeze, frozen_layers, layer_table
+from pipeline.normalization import Normalization
 from pipeline.pack import pack
 from pipeline.preprocess import InputSpec
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.checkpoint import Normalization
 from pipeline.checkpoint import load as load_checkpoint
 from pipeline.data import EpochSampler, make_loader, open_images
 from pipeline.errors import InputError
@@ -22,8 +21,9 @@ from pipeline.finetune import cache as cache_module
 from pipeline.finetune.cache import FeatureCache, features_to_input, split_model
 from pipeline.finetune.loop import train_one_epoch
 from pipeline.finetune.optim import make_optimizer
-from pipeline.manifest import label
+from pipeline.label import label
 from pipeline.models import build_model, freeze, frozen_layers, layer_table, train_mode
+from pipeline.normalization import Normalization
 from pipeline.preprocess import InputSpec
 from pipeline.report import build_report
 
@@ -195,7 +195,7 @@ def test_resume_from_the_cache_is_exact_and_the_model_needs_no_cache(dataset, we
         assert torch.equal(a[name], b[name]), name
     # An ordinary checkpoint: evaluate reads images, not the cache, and agrees with training.
     result = evaluate_checkpoint(tmp_path / "whole" / "best.pt", dataset / "val.txt",
-                                 tmp_path / "eval", workers=0)
+                                 tmp_path / "whole" / "eval-val", workers=0).metrics
     metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     assert result.top1 == pytest.approx(metrics["best_val_top1"], abs=1 / result.count + 1e-9)
     assert metrics["best_val_top1"] > 0.5  # three colours: it learns

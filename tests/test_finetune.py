@@ -15,7 +15,8 @@ from pipeline.checkpoint import load as load_checkpoint
 from pipeline.errors import InputError
 from pipeline.evaluate import evaluate_checkpoint, predict
 from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.manifest import label, read_manifest
+from pipeline.label import label
+from pipeline.manifest import read_manifest
 from pipeline.models import build_model, imagenet_weights_file
 from pipeline.pack import pack
 
@@ -148,7 +149,7 @@ def test_imagenet_weights_offline_error_names_the_file_and_cache_is_used(tmp_pat
 def test_evaluate_and_predict_agree_and_h5_trains(dataset, tmp_path):
     finetune(config(dataset, tmp_path / "run", epochs=2, lr=0.02, freeze_until=None))
     result = evaluate_checkpoint(tmp_path / "run" / "best.pt", dataset / "val.txt",
-                                 tmp_path / "eval", workers=0)
+                                 tmp_path / "eval", workers=0).metrics
     manifest = read_manifest(dataset / "val.txt")
     predictions = predict(tmp_path / "run" / "best.pt",
                           [manifest.absolute(i) for i in range(len(manifest))], top_k=2)
@@ -159,6 +160,10 @@ def test_evaluate_and_predict_agree_and_h5_trains(dataset, tmp_path):
     assert result.top1 == pytest.approx(sum(hits) / len(hits))
     assert (tmp_path / "eval" / "confusion.png").stat().st_size > 0
     assert result.confusion.sum() == len(manifest)
+    with open(tmp_path / "eval" / "misclassified.csv", newline="") as handle:
+        missed = {row["path"]: row["predicted"] for row in csv.DictReader(handle)}
+    assert missed == {str(manifest.paths[i]): p.top[0][1]
+                      for i, (p, hit) in enumerate(zip(predictions, hits, strict=True)) if not hit}
     pack(dataset / "train.txt", tmp_path / "train.h5", size=72)
     pack(dataset / "val.txt", tmp_path / "val.h5", size=72)
     metrics = finetune(config(dataset, tmp_path / "h5run", train=tmp_path / "train.h5",
@@ -200,8 +205,8 @@ def test_ddp_two_processes_run_an_epoch(dataset, tmp_path):
 
 
 def test_mean_file_normalizes_by_its_own_statistics_and_never_guesses(dataset, tmp_path):
-    from pipeline.checkpoint import Normalization
     from pipeline.mean import compute_mean
+    from pipeline.normalization import Normalization
     from pipeline.preprocess import InputSpec
 
     compute_mean(dataset / "train.txt", tmp_path / "mean.npy", size=72, workers=1)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_link, atomic_write_bytes
-from pipeline.manifest import label, read_labels, read_manifest, write_manifest
+from pipeline.label import label
+from pipeline.manifest import read_labels, read_manifest, write_manifest
 from pipeline.mean import compute_mean
 from pipeline.pack import pack
 from pipeline.preprocess import load_square

@@ -36,11 +36,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.checkpoint import Normalization
 from pipeline.data import Batch, collate, open_images
 from pipeline.finetune.options import FinetuneConfig
 from pipeline.fsutil import atomic_write_text
 from pipeline.models import Layer
+from pipeline.normalization import Normalization
+from pipeline.packfile import is_packfile
 from pipeline.preprocess import InputSpec
 from pipeline.progress import Progress
 
@@ -375,6 +376,6 @@ def _data_identity(path: Path | None) -> dict[str, Any]:
     stat = resolved.stat()
     identity: dict[str, Any] = {"path": str(resolved), "size": stat.st_size,
                                 "mtime_ns": stat.st_mtime_ns}
-    if resolved.suffix.lower() not in (".h5", ".hdf5"):
+    if not is_packfile(resolved):
         identity["sha256"] = hashlib.sha256(resolved.read_bytes()).hexdigest()
     return identity

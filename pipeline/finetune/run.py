@@ -8,7 +8,6 @@ epoch). Under `torchrun` it trains with DistributedDataParallel; only rank 0 wri
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import checkpoint
-from pipeline.checkpoint import Normalization
 from pipeline.data import EpochSampler, make_loader, open_images
 from pipeline.errors import InputError
 from pipeline.finetune.cache import CacheInfo, FeatureCache, features_to_input, split_model
@@ -31,7 +29,17 @@ from pipeline.finetune.optim import current_lr, make_optimizer, make_scheduler, 
 from pipeline.finetune.options import FinetuneConfig, check_config
 from pipeline.finetune.rundir import RunDir
 from pipeline.metrics import EvalResult, evaluate_loader
-from pipeline.models import build_model, check_arch, freeze, frozen_layers, layer_table, train_mode
+from pipeline.models import (
+    LocalWeights,
+    build_model,
+    check_arch,
+    freeze,
+    frozen_layers,
+    layer_table,
+    resolve_weights,
+    train_mode,
+)
+from pipeline.normalization import Normalization
 from pipeline.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
@@ -74,8 +82,9 @@ class _Run:
         self.classes = train_images.classes
         self.train_count = len(train_images)
         val_images = open_images(config.val, self.spec, train=False) if config.val else None
-        self.model = build_model(config.arch, len(self.classes), config.weights)
-        self.normalization = self._normalization()
+        weights = resolve_weights(config.weights)  # a file is read once: model + normalization
+        self.model = build_model(config.arch, len(self.classes), weights)
+        self.normalization = self._normalization(weights)
         layers = layer_table(self.model, config.arch)
         self.frozen = frozen_layers(layers, config.freeze_until)
         self.frozen_batchnorms = freeze(self.model, self.frozen)
@@ -90,17 +99,16 @@ class _Run:
         self.feed = (self._cached_feed(train_images, val_images) if config.cache_features
                      else self._image_feed(train_images, val_images))
 
-    def _normalization(self) -> Normalization:
+    def _normalization(self, weights: str | LocalWeights) -> Normalization:
         """--mean: "imagenet", a mean.npy, or "auto" (the weights' own statistics)."""
-        mean, weights = self.config.mean, self.config.weights
+        mean = self.config.mean
         if mean == "imagenet":
             return Normalization.imagenet()
         if mean != "auto":
             return Normalization.from_mean_file(Path(mean), self.spec)
-        if weights not in ("imagenet", "none"):
-            # A checkpoint of ours says how its weights were trained; a torchvision .pth does not.
-            with contextlib.suppress(InputError):
-                return Normalization.from_state(checkpoint.load(Path(weights))["normalization"])
+        # A checkpoint of ours says how its weights were trained; a torchvision .pth does not.
+        if isinstance(weights, LocalWeights) and weights.normalization is not None:
+            return weights.normalization
         return Normalization.imagenet()
 
     def _distributed(self, module: nn.Module) -> nn.Module:
@@ -248,7 +256,7 @@ class _Run:
     def _payload(self, epoch: int) -> dict[str, Any]:
         return {
             "arch": self.config.arch,
-            "classes": [{"wnid": c.wnid, "name": c.name} for c in self.classes],
+            "classes": checkpoint.classes_state(self.classes),
             "input": checkpoint.spec_state(self.spec),
             "normalization": self.normalization.state(),
             "model": self.model.state_dict(),

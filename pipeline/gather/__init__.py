@@ -17,8 +17,8 @@ from typing import Any
 
 from pipeline.gather.options import GatherOptions
 
-__all__ = ["GatherOptions", "GatherReport", "format_summary", "gather", "gather_synsets"]
-_RUN = frozenset({"GatherReport", "format_summary", "gather", "gather_synsets"})
+__all__ = ["GatherOptions", "GatherReport", "gather", "gather_synsets"]
+_RUN = frozenset({"GatherReport", "gather", "gather_synsets"})
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,7 @@ from pipeline.gather.schedule import Job, Scheduler
 from pipeline.gather.store import Collector, target_stem
 from pipeline.gather.worker import Reply, Request, WorkerPool, effective_per_host
 from pipeline.journal import OUTCOMES, Journal, read_journal
+from pipeline.manifest import display_name
 from pipeline.progress import Progress
 from pipeline.tables import format_table
 from pipeline.urllist import (
@@ -49,6 +50,33 @@ class GatherReport:
     hosts_down: int = 0
     placeholders_found: int = 0  # distinct repeated bodies recognised as placeholders
     interrupted_by: int | None = None  # the signal that stopped the run early
+
+    def summary(self, names: dict[str, str] | None = None) -> str:
+        """A per-synset table of outcomes over the whole journal, this run included."""
+        order = {outcome: index for index, outcome in enumerate(OUTCOMES)}
+        outcomes = sorted({o for counts in self.overall.values() for o in counts},
+                          key=lambda o: (order.get(o, len(order)), o))
+        header = ["synset", "name", *outcomes, "total"]
+        rows = [header]
+        for klass in sorted(self.overall):
+            counts = self.overall[klass]
+            name = display_name((names or {}).get(klass, ""))
+            rows.append([klass, name, *(str(counts[o]) for o in outcomes),
+                         str(sum(counts.values()))])
+        lines = [format_table(rows)]
+        fetched = sum(sum(c.values()) for c in self.this_run.values())
+        line = (f"this run: {fetched} URL(s) finished in {self.seconds:.1f} s, "
+                f"{self.skipped} already final in the journal")
+        if self.hosts_down:
+            line += f", {self.hosts_down} host(s) given up as down (tried again next run)"
+        if self.placeholders_found:
+            line += (f", {self.placeholders_found} repeated image(s) recognised as placeholders "
+                     "(every copy dropped)")
+        if self.interrupted_by:
+            line += (f"; interrupted by {signal.Signals(self.interrupted_by).name}: "
+                     "run the same command again to resume")
+        lines.append(line)
+        return "\n".join(lines)
 
 
 def gather_synsets(urls: Path, wnids: list[str], options: GatherOptions, *,
@@ -257,31 +285,3 @@ def _fill_overall(report: GatherReport, entries: list[UrlEntry],
     for entry in entries:
         record = history.get(entry.id)
         report.overall[entry.klass][record["outcome"] if record else "not_tried"] += 1
-
-
-def format_summary(report: GatherReport, names: dict[str, str] | None = None) -> str:
-    """A per-synset table of outcomes over the whole journal, this run included."""
-    order = {outcome: index for index, outcome in enumerate(OUTCOMES)}
-    outcomes = sorted({o for counts in report.overall.values() for o in counts},
-                      key=lambda o: (order.get(o, len(order)), o))
-    header = ["synset", "name", *outcomes, "total"]
-    rows = [header]
-    for klass in sorted(report.overall):
-        counts = report.overall[klass]
-        name = (names or {}).get(klass, "").split(",")[0]
-        rows.append([klass, name, *(str(counts[o]) for o in outcomes),
-                     str(sum(counts.values()))])
-    lines = [format_table(rows)]
-    fetched = sum(sum(c.values()) for c in report.this_run.values())
-    line = (f"this run: {fetched} URL(s) finished in {report.seconds:.1f} s, "
-            f"{report.skipped} already final in the journal")
-    if report.hosts_down:
-        line += f", {report.hosts_down} host(s) given up as down (tried again next run)"
-    if report.placeholders_found:
-        line += (f", {report.placeholders_found} repeated image(s) recognised as placeholders "
-                 "(every copy dropped)")
-    if report.interrupted_by:
-        line += (f"; interrupted by {signal.Signals(report.interrupted_by).name}: "
-                 "run the same command again to resume")
-    lines.append(line)
-    return "\n".join(lines)
