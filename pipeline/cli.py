@@ -22,6 +22,7 @@ from pipeline.errors import InputError
 from pipeline.finetune.options import CACHE_DTYPES, PRECISIONS, SCHEDULES, FinetuneConfig
 from pipeline.gather.options import GatherOptions
 from pipeline.parallel import default_workers
+from pipeline.stage_options import EVALUATE, LABEL, SIZE, VALIDATE
 
 log = logging.getLogger("pipeline")
 GATHER = GatherOptions()  # the defaults, written once
@@ -31,7 +32,7 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 WORKERS_OPTION = click.option("--workers", type=click.IntRange(min=1), default=default_workers,
                               show_default="all cores", help="Decoding processes.")
 SIZE_OPTION = click.option(
-    "--size", type=click.IntRange(min=8), default=256, show_default=True,
+    "--size", type=click.IntRange(min=8), default=SIZE, show_default=True,
     help="Images are resized (shorter side) and center-cropped to SIZE x SIZE.")
 
 
@@ -162,10 +163,12 @@ def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Pat
               help="Where unreadable files are moved.  [default: ROOT/../rejected]")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON Lines log of every quarantined file.  [default: ROOT/../validate.jsonl]")
-@click.option("--min-size", type=click.IntRange(min=0), default=32, show_default=True,
+@click.option("--min-size", type=click.IntRange(min=0), default=VALIDATE.min_size,
+              show_default=True,
               help="Images whose shorter side is smaller are quarantined as too_small.")
 @WORKERS_OPTION
-@click.option("--seconds-per-file", type=click.FloatRange(min=0.1), default=30.0,
+@click.option("--seconds-per-file", type=click.FloatRange(min=0.1),
+              default=VALIDATE.seconds_per_file,
               show_default=True, help="A file that takes longer to decode is quarantined.")
 def validate(root: Path, quarantine: Path | None, report: Path | None, min_size: int,
              workers: int, seconds_per_file: float) -> None:
@@ -188,9 +191,11 @@ def validate(root: Path, quarantine: Path | None, report: Path | None, min_size:
 @click.argument("root", default=Path("data/raw"), type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("manifests"), show_default=True, help="Folder for the manifests.")
-@click.option("--val-ratio", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
-              show_default=True, help="Share of each class held out for validation.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option("--val-ratio", type=click.FloatRange(0.0, 1.0, max_open=True),
+              default=LABEL.val_ratio, show_default=True,
+              help="Share of each class held out for validation.")
+@click.option("--seed", type=int, default=LABEL.seed, show_default=True,
+              help="Seed of the split.")
 @click.option("--words", type=EXISTING_FILE, help="words.txt, for human class names.")
 def label(root: Path, out: Path, val_ratio: float, seed: int, words: Path | None) -> None:
     """Write train/val manifests and the label map from ROOT's class folders.
@@ -237,7 +242,7 @@ def pack(manifest: Path, size: int, out: Path, workers: int) -> None:
 
 
 @cli.command()
-@click.option("--arch", type=click.Choice(ARCHS), default="alexnet", show_default=True)
+@click.option("--arch", type=click.Choice(ARCHS), default=FINETUNE.arch, show_default=True)
 @click.option("--freeze-until", metavar="NAME", help="Mark the layers this would freeze.")
 def layers(arch: str, freeze_until: str | None) -> None:
     """Print an architecture's layers under their classic names (conv1 ... fc8)."""
@@ -252,47 +257,53 @@ def layers(arch: str, freeze_until: str | None) -> None:
               help="Training data: a manifest (manifests/train.txt) or a packed .h5 file.")
 @click.option("--val", "val_data", type=click.Path(path_type=Path),
               help="Validation data (manifest or .h5), evaluated after every epoch.")
-@click.option("--arch", type=click.Choice(ARCHS), default="alexnet", show_default=True)
-@click.option("--weights", default="imagenet", show_default=True,
+@click.option("--arch", type=click.Choice(ARCHS), default=FINETUNE.arch, show_default=True)
+@click.option("--weights", default=FINETUNE.weights, show_default=True,
               help="imagenet (torchvision's cache), none (from scratch), or a .pt/.pth file.")
-@click.option("--freeze-until", default="conv4", show_default=True, metavar="NAME",
+@click.option("--freeze-until", default=FINETUNE.freeze_until, show_default=True, metavar="NAME",
               help="Freeze this layer and all before it (see `pipeline layers`); 'none' "
                    "trains everything.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01,
+@click.option("--epochs", type=click.IntRange(min=1), default=FINETUNE.epochs, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=FINETUNE.batch_size,
+              show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=FINETUNE.lr,
               show_default=True, help="Learning rate of the new fc8 (and of all layers with "
                                       "--weights none).")
-@click.option("--lr-mult", type=click.FloatRange(min=0), default=0.1, show_default=True,
+@click.option("--lr-mult", type=click.FloatRange(min=0), default=FINETUNE.lr_mult,
+              show_default=True,
               help="Pretrained unfrozen layers learn at LR x LR_MULT (Caffe's lr_mult).")
-@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
+@click.option("--momentum", type=click.FloatRange(0, 1), default=FINETUNE.momentum,
+              show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=FINETUNE.weight_decay,
+              show_default=True,
               help="L2 on weights (not biases).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=FINETUNE.schedule,
               show_default=True, help="step: /10 every --step-epochs; plateau: /10 when "
                                       "validation top-1 stops improving (the VGG paper's rule).")
 @click.option("--step-epochs", type=click.IntRange(min=1),
               help="Epochs between /10 steps.  [default: a third of --epochs]")
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True),
+              default=FINETUNE.label_smoothing,
               show_default=True)
-@click.option("--crop", type=click.IntRange(min=8), default=224, show_default=True,
+@click.option("--crop", type=click.IntRange(min=8), default=FINETUNE.crop, show_default=True,
               help="Network input size.")
-@click.option("--resize", type=click.IntRange(min=8), default=256, show_default=True,
+@click.option("--resize", type=click.IntRange(min=8), default=FINETUNE.resize, show_default=True,
               help="Shorter side before cropping.")
 @click.option("--scale-jitter", nargs=2, type=click.IntRange(min=8), metavar="MIN MAX",
               help="Train with the shorter side drawn from [MIN, MAX] (VGG: 256 512).")
-@click.option("--mean", default="auto", show_default=True,
+@click.option("--mean", default=FINETUNE.mean, show_default=True,
               help="Normalization: auto (the weights' own), imagenet, or a mean.npy from "
                    "`pipeline mean`.")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Loader processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=FINETUNE.workers,
+              show_default=True, help="Loader processes.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("runs/finetune"), show_default=True, help="Run folder.")
+              default=FINETUNE.out, show_default=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=FINETUNE.seed, show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=FINETUNE.precision,
               show_default=True, help="bf16 autocast on CPU/GPU, fp16 (+grad scaling) on CUDA.")
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+@click.option("--channels-last/--no-channels-last", default=FINETUNE.channels_last,
+              show_default=True,
               help="NHWC memory format (faster convolutions on CPUs with oneDNN and on "
                    "tensor-core GPUs).")
 @click.option("--cache-features", is_flag=True,
@@ -344,8 +355,10 @@ def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Report folder.  [default: CHECKPOINT's folder/eval-DATA]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=EVALUATE.batch_size,
+              show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=EVALUATE.workers,
+              show_default=True)
 def evaluate(checkpoint: Path, data: Path, out: Path | None, batch_size: int,
              workers: int) -> None:
     """Top-1/top-5, per-class accuracy and confusion matrix of CHECKPOINT on DATA.
@@ -362,7 +375,7 @@ def evaluate(checkpoint: Path, data: Path, out: Path | None, batch_size: int,
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=EVALUATE.top_k, show_default=True)
 def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int) -> None:
     """Classify IMAGES with CHECKPOINT: top-k classes with probabilities."""
     from pipeline.evaluate import predict as run_predict

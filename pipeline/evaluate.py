@@ -24,6 +24,7 @@ from pipeline.manifest import ClassRecord, display_name
 from pipeline.metrics import EvalResult, evaluate_loader, make_eval_loader
 from pipeline.models import inference_from
 from pipeline.preprocess import resize_center_crop
+from pipeline.stage_options import EVALUATE
 
 MISCLASSIFIED_SHOWN = 12  # in misclassified.png; misclassified.csv lists them all
 THUMBNAIL = 64
@@ -53,8 +54,9 @@ class _Miss:
     probability: float
 
 
-def evaluate_checkpoint(checkpoint_path: Path, data: Path, out: Path, *, batch_size: int = 64,
-                        workers: int = 2) -> Evaluation:
+def evaluate_checkpoint(checkpoint_path: Path, data: Path, out: Path, *,
+                        batch_size: int = EVALUATE.batch_size,
+                        workers: int = EVALUATE.workers) -> Evaluation:
     """Write OUT/eval.json, per_class.csv, confusion.csv, confusion.png, misclassified.csv
     and misclassified.png."""
     device = default_device()
@@ -191,7 +193,8 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict(checkpoint_path: Path, images: list[Path], top_k: int = 5) -> list[Prediction]:
+def predict(checkpoint_path: Path, images: list[Path],
+            top_k: int = EVALUATE.top_k) -> list[Prediction]:
     device = default_device()
     inference = inference_from(checkpoint_path, device)
     k = min(top_k, len(inference.classes))

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file.
+"""Atomic file writes: a reader (or a crash) never sees half a file; and the one JSON Lines
+appender, whose records survive a kill whole or not at all.
 
 Every stage writes through these helpers: the data goes to a hidden temp file in the same
 directory, then `os.replace` swaps it in, which is atomic on POSIX filesystems.
@@ -7,12 +8,13 @@ directory, then `os.replace` swaps it in, which is atomic on POSIX filesystems.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 TEMP_SUFFIX = ".part"
 
@@ -82,3 +84,36 @@ def remove_stale_temp_files(directory: Path) -> int:
             entry.unlink()
             removed += 1
     return removed
+
+
+class JsonLinesWriter:
+    """Appends JSON Lines (the gather journal, the validate report): each record is one
+    line, written whole and flushed before the next, so a kill loses at most that line."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._terminate_torn_tail(path)
+        self._handle: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    @staticmethod
+    def _terminate_torn_tail(path: Path) -> None:
+        """After a kill mid-line, start on a fresh line so the next record stays parsable."""
+        if not path.exists() or path.stat().st_size == 0:
+            return
+        with open(path, "rb+") as handle:
+            handle.seek(-1, 2)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> JsonLinesWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +53,3 @@ def read_journal(path: Path) -> dict[str, dict[str, Any]]:
     if skipped:
         log.warning("journal %s: skipped %d unreadable line(s)", path, skipped)
     return records
-
-
-class Journal:
-    """Appends records; each line is written whole and flushed before the next."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._terminate_torn_tail(path)
-        self._handle: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
-
-    @staticmethod
-    def _terminate_torn_tail(path: Path) -> None:
-        """After a kill mid-line, start on a fresh line so the next record stays parsable."""
-        if not path.exists() or path.stat().st_size == 0:
-            return
-        with open(path, "rb+") as handle:
-            handle.seek(-1, 2)
-            if handle.read(1) != b"\n":
-                handle.write(b"\n")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def __enter__(self) -> Journal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -23,6 +23,7 @@ from pipeline.manifest import (
     write_manifest,
     write_root,
 )
+from pipeline.stage_options import LABEL
 from pipeline.tables import format_table
 
 
@@ -45,7 +46,7 @@ class LabelReport:
                 f"of identical files ({self.duplicate_files} files) kept on one side")
 
 
-def label(root: Path, out: Path, *, val_ratio: float = 0.1, seed: int = 0,
+def label(root: Path, out: Path, *, val_ratio: float = LABEL.val_ratio, seed: int = LABEL.seed,
           words: dict[str, str] | None = None) -> LabelReport:
     """Write train/val manifests, the label map and root.txt for the class folders of `root`."""
     if not 0.0 <= val_ratio < 1.0:

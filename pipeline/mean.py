@@ -20,8 +20,9 @@ from pipeline.fsutil import atomic_open, atomic_write_bytes, atomic_write_text
 from pipeline.images import ImageDecodeError
 from pipeline.manifest import read_manifest
 from pipeline.parallel import imap
-from pipeline.preprocess import DEFAULT_SIZE, square_image
+from pipeline.preprocess import square_image
 from pipeline.progress import Progress
+from pipeline.stage_options import SIZE
 
 log = logging.getLogger(__name__)
 CHUNK = 64  # at most 257: a chunk's pixel sums are kept in 16 bits (257 * 255 < 2**16)
@@ -63,7 +64,7 @@ class MeanResult:
                 "wrote " + ", ".join(str(p) for p in self.outputs))
 
 
-def compute_mean(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
+def compute_mean(manifest_path: Path, out: Path, *, size: int = SIZE,
                  workers: int = 1) -> MeanResult:
     """Write OUT (.npy), OUT.png, OUT.json and OUT.images.txt (the images actually used)."""
     manifest = read_manifest(manifest_path)

@@ -22,8 +22,9 @@ from pipeline.images import ImageDecodeError
 from pipeline.manifest import ClassRecord, Manifest, read_labels, read_manifest
 from pipeline.packfile import create_images, write_index
 from pipeline.parallel import chunks_in_flight, imap
-from pipeline.preprocess import DEFAULT_SIZE, load_square
+from pipeline.preprocess import load_square
 from pipeline.progress import Progress
+from pipeline.stage_options import SIZE
 
 log = logging.getLogger(__name__)
 CHUNK = 32
@@ -41,7 +42,7 @@ class PackResult:
                 f"{len(self.failed)} failed")
 
 
-def pack(manifest_path: Path, out: Path, *, size: int = DEFAULT_SIZE,
+def pack(manifest_path: Path, out: Path, *, size: int = SIZE,
          workers: int = 1) -> PackResult:
     """Write `out` atomically; images that fail to decode are left out and reported."""
     manifest = read_manifest(manifest_path)

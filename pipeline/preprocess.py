@@ -16,20 +16,18 @@ from PIL import Image
 
 from pipeline.images import decode_image
 
-DEFAULT_SIZE = 256
-
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Scale the shorter side to `size`, then cut the central size x size square."""
     return _center_crop(_scale_shorter_side(image, size), size)
 
 
-def square_image(path: str | Path, size: int = DEFAULT_SIZE) -> Image.Image:
+def square_image(path: str | Path, size: int) -> Image.Image:
     """Decode `path` (at reduced JPEG scale when possible) into a size x size RGB image."""
     return resize_center_crop(decode_image(path, min_side=size), size)
 
 
-def load_square(path: str | Path, size: int = DEFAULT_SIZE) -> np.ndarray:
+def load_square(path: str | Path, size: int) -> np.ndarray:
     """`square_image` as a size x size x 3 uint8 array."""
     return np.asarray(square_image(path, size), dtype=np.uint8)
 
@@ -43,8 +41,8 @@ class InputSpec:
     `resize`, the central crop x crop window.
     """
 
-    crop: int = 224
-    resize: int = 256
+    crop: int
+    resize: int
     jitter: tuple[int, int] | None = None
 
     def train_pixels(self, image: Image.Image, rng: random.Random) -> np.ndarray:

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import JsonLinesWriter, atomic_write_text
 from pipeline.images import ImageDecodeError, decode_image
 from pipeline.parallel import imap
 from pipeline.progress import Progress
+from pipeline.stage_options import VALIDATE
 from pipeline.tables import format_table
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,9 @@ STATE_NAME = ".validated.json"
 class ValidateOptions:
     quarantine: Path
     report: Path
-    min_size: int = 32
+    min_size: int = VALIDATE.min_size
     workers: int = 1
-    seconds_per_file: float = 30.0
+    seconds_per_file: float = VALIDATE.seconds_per_file
 
 
 @dataclass
@@ -84,8 +85,7 @@ def validate(root: Path, options: ValidateOptions) -> ValidateReport:
     good = {rel: sig for rel, sig in known.items() if rel in present}
     progress = Progress("validate", total=len(todo))
     jobs = ((root / rel, options.min_size, options.seconds_per_file) for rel in todo)
-    options.report.parent.mkdir(parents=True, exist_ok=True)
-    with open(options.report, "a", encoding="utf-8") as journal:
+    with JsonLinesWriter(options.report) as journal:
         for relative, problem in zip(todo, imap(_check_file, jobs, options.workers), strict=True):
             klass = _class_of(relative)
             if problem is None:
@@ -95,10 +95,8 @@ def validate(root: Path, options: ValidateOptions) -> ValidateReport:
                 continue
             reason, detail = problem
             destination = _quarantine(root / relative, options.quarantine / relative)
-            journal.write(json.dumps({
-                "path": relative, "quarantined_to": str(destination), "reason": reason,
-                "detail": detail, "time": round(time.time(), 3)}, ensure_ascii=False) + "\n")
-            journal.flush()
+            journal.write({"path": relative, "quarantined_to": str(destination),
+                           "reason": reason, "detail": detail, "time": round(time.time(), 3)})
             report.rejected[klass][reason] += 1
             good.pop(relative, None)
             progress.update(count="rejected")

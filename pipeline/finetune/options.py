@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.stage_options import SIZE
 
 SCHEDULES = ("step", "cosine", "plateau")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -37,7 +38,7 @@ class FinetuneConfig:
     plateau_patience: int = 1
     label_smoothing: float = 0.0
     crop: int = 224
-    resize: int = 256
+    resize: int = SIZE
     jitter: tuple[int, int] | None = None
     mean: str = "auto"
     workers: int = 2

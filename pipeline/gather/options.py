@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.journal import JOURNAL_NAME
+from pipeline.stage_options import VALIDATE
 
 DEFAULT_USER_AGENT = f"pipeline/{__version__} (image dataset builder; honours X-Robots-Tag noai)"
 MAX_DEFAULT_PROCESSES = 8
@@ -36,7 +37,7 @@ class GatherOptions:
     retries: int = 3
     host_failures: int = 5  # consecutive connection failures/timeouts before a host is down
     max_bytes: int = 20 * 2**20
-    min_size: int = 32
+    min_size: int = VALIDATE.min_size
     limit: int | None = None
     honour_opt_out: bool = True
     placeholder_digests: frozenset[str] = frozenset()

@@ -15,14 +15,14 @@ from types import FrameType
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.fsutil import remove_stale_temp_files
+from pipeline.fsutil import JsonLinesWriter, remove_stale_temp_files
 from pipeline.gather.hosts import HostBook
 from pipeline.gather.http import Attempt
 from pipeline.gather.options import GatherOptions
 from pipeline.gather.schedule import Job, Scheduler
 from pipeline.gather.store import Collector, target_stem
 from pipeline.gather.worker import Reply, Request, WorkerPool, effective_per_host
-from pipeline.journal import OUTCOMES, Journal, read_journal
+from pipeline.journal import OUTCOMES, read_journal
 from pipeline.manifest import display_name
 from pipeline.progress import Progress
 from pipeline.tables import format_table
@@ -116,7 +116,7 @@ def gather(entries: list[UrlEntry], options: GatherOptions) -> GatherReport:
         log.info("removed %d partial temp file(s) left by an interrupted run", stale)
     started = time.monotonic()
     report = GatherReport()
-    with Journal(options.journal_path) as journal:
+    with JsonLinesWriter(options.journal_path) as journal:
         collector = Collector(options, journal, read_journal(options.journal_path))
         pending = collector.pending(entries)
         report.skipped = len(entries) - len(pending)

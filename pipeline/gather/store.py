@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.fsutil import FILE_MODE, TEMP_SUFFIX
+from pipeline.fsutil import FILE_MODE, TEMP_SUFFIX, JsonLinesWriter
 from pipeline.gather.options import GatherOptions
 from pipeline.images import ImageDecodeError, decode_image, sniff_extension
-from pipeline.journal import Journal, is_final
+from pipeline.journal import is_final
 from pipeline.urllist import UrlEntry, safe_file_stem
 
 PLACEHOLDER_DIR = ".placeholders"  # hidden: never taken for a class folder
@@ -102,7 +102,7 @@ class Collector:
     in OUT/placeholders.txt so resumes and later runs reject it at once.
     """
 
-    def __init__(self, options: GatherOptions, journal: Journal,
+    def __init__(self, options: GatherOptions, journal: JsonLinesWriter,
                  history: dict[str, dict[str, Any]]) -> None:
         self.options = options
         self.journal = journal

@@ -1,0 +1,38 @@
+"""The defaults of the stages that have no options module of their own, written once.
+
+Standard library only, so `cli.py` can hand them to click without importing numpy, PIL or
+h5py (every `--help` stays fast); the stage functions take their defaults from here too.
+gather and finetune keep theirs in `pipeline/gather/options.py` and
+`pipeline/finetune/options.py`. tests/test_options.py checks the Makefile's `?=` values
+against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SIZE = 256  # images are packed and averaged at SIZE x SIZE; finetune resizes to it
+
+
+@dataclass(frozen=True)
+class ValidateDefaults:
+    min_size: int = 32  # shorter side in pixels, as gather's --min-size
+    seconds_per_file: float = 30.0
+
+
+@dataclass(frozen=True)
+class LabelDefaults:
+    val_ratio: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateDefaults:
+    batch_size: int = 64
+    workers: int = 2
+    top_k: int = 5
+
+
+VALIDATE = ValidateDefaults()
+LABEL = LabelDefaults()
+EVALUATE = EvaluateDefaults()
