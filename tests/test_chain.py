@@ -11,6 +11,8 @@ import pytest
 import make_sample
 from serve_sample import serve_in_thread
 
+pytestmark = pytest.mark.slow  # trains or runs the whole chain
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
 

@@ -29,6 +29,8 @@ from pipeline.report import build_report
 
 from imagefiles import colour_dataset
 
+pytestmark = pytest.mark.slow  # trains or runs the whole chain
+
 SMALL = {"crop": 64, "resize": 72, "batch_size": 8, "workers": 0}
 
 

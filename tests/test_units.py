@@ -1,0 +1,49 @@
+"""Fast unit tests of the pure pieces: the epoch sampler, InputSpec and the layer names."""
+
+import random
+
+import pytest
+import torchvision
+from PIL import Image
+
+from pipeline.archs import ARCHS
+from pipeline.data import EpochSampler
+from pipeline.models import layer_names, layer_table
+from pipeline.preprocess import InputSpec
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    a, b = EpochSampler(10, shuffle=True, seed=3), EpochSampler(10, shuffle=True, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b)
+    assert sorted(index for index, _ in a) == list(range(10))
+    b.set_epoch(3)
+    assert [i for i, _ in a] != [i for i, _ in b]
+    assert {epoch for _, epoch in b} == {3}
+
+
+def test_epoch_sampler_pads_every_rank_to_the_same_length():
+    shards = [list(EpochSampler(10, shuffle=True, seed=0, rank=r, world=3)) for r in range(3)]
+    assert [len(shard) for shard in shards] == [4, 4, 4]
+    seen = [index for shard in shards for index, _ in shard]
+    assert set(seen) == set(range(10)) and len(seen) == 12  # two wrapped around
+
+
+def test_input_spec_crops_and_flips_reproducibly():
+    spec = InputSpec(crop=32, resize=40)
+    image = Image.new("RGB", (80, 60), (10, 20, 30))
+    assert spec.eval_pixels(image).shape == (32, 32, 3)
+    first = spec.train_pixels(image, random.Random(1))
+    assert (first == spec.train_pixels(image, random.Random(1))).all()
+    assert InputSpec(crop=32, resize=40, jitter=(40, 64)).decode_side == 64
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.startswith("vgg")])
+def test_every_vgg_has_classic_block_and_layer_names(arch):
+    model = torchvision.models.get_model(arch, weights=None)
+    names = layer_names(layer_table(model, arch))
+    assert names[:2] == ["conv1", "conv1_1"]
+    assert {"conv5", "fc6", "fc7", "fc8"} <= set(names)
+    depth = int(arch[3:5])
+    assert sum(1 for n in names if "_" in n) == depth - 3  # VGG-N: N-3 conv layers
