@@ -22,7 +22,7 @@ from pipeline.errors import InputError
 from pipeline.finetune.options import CACHE_DTYPES, PRECISIONS, SCHEDULES, FinetuneConfig
 from pipeline.gather.options import GatherOptions
 from pipeline.parallel import default_workers
-from pipeline.stage_options import EVALUATE, LABEL, SIZE, VALIDATE
+from pipeline.stage_options import EVALUATE, EXPORT_FORMATS, LABEL, SIZE, VALIDATE
 
 log = logging.getLogger("pipeline")
 GATHER = GatherOptions()  # the defaults, written once
@@ -51,6 +51,7 @@ def cli(verbose: bool, quiet: bool) -> None:
       mean       compute the mean image of the training set
       pack       pre-decode a manifest into an HDF5 file
       finetune   fine-tune a pretrained AlexNet/VGG with frozen lower layers
+    Then: evaluate, predict and report on a checkpoint; export it for serving.
 
     Run `pipeline COMMAND --help` for a command's options.
     """
@@ -409,6 +410,32 @@ def report(run_dir: Path, compare: tuple[Path, ...], out: Path | None, title: st
     page = build_report(run_dir, compare=list(compare), out=out, title=title,
                         mean_image=mean_image)
     click.echo(f"wrote {page}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="TorchScript (torch.jit.load, any image size) or ONNX (onnxruntime, a "
+                   "fixed size; needs the onnx extra).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The file to write, e.g. model.pt or model.onnx.")
+@click.option("--size", type=click.IntRange(min=8),
+              help="ONNX only: the input height and width.  [default: the checkpoint's "
+                   "resize, the size `pipeline pack` wrote]")
+def export(checkpoint: Path, fmt: str, out: Path, size: int | None) -> None:
+    """Export CHECKPOINT for serving: uint8 N x H x W x 3 RGB in, class probabilities out.
+
+    The checkpoint's resize, centre crop and normalization run inside the model; the label
+    map rides in the file (key pipeline.json: TorchScript extra file, ONNX metadata).
+    """
+    from pipeline.export import export as run_export
+
+    result = run_export(checkpoint, fmt, out, size=size)
+    shape = result.metadata["input"]
+    height = shape["height"] or "H"
+    width = shape["width"] or "W"
+    click.echo(f"wrote {result.path}: uint8 N x {height} x {width} x 3 RGB -> probabilities "
+               f"of {len(result.metadata['classes'])} classes; labels in its pipeline.json")
 
 
 def main(argv: list[str] | None = None) -> None:

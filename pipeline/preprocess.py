@@ -56,8 +56,13 @@ class InputSpec:
         return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
 
     def eval_pixels(self, image: Image.Image) -> np.ndarray:
-        image = _scale_shorter_side(image, max(self.resize, self.crop))
+        image = _scale_shorter_side(image, self.eval_side)
         return np.array(_center_crop(image, self.crop), dtype=np.uint8)
+
+    @property
+    def eval_side(self) -> int:
+        """Evaluation scales the shorter side to this before the centre crop."""
+        return max(self.resize, self.crop)
 
     @property
     def decode_side(self) -> int:
@@ -65,16 +70,29 @@ class InputSpec:
         return max(self.crop, self.resize, self.jitter[1] if self.jitter else 0)
 
 
-def _scale_shorter_side(image: Image.Image, side: int) -> Image.Image:
-    width, height = image.size
+def scaled_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) with the shorter side scaled to `side`.
+
+    Plain ints and floats only: `pipeline export` compiles this very function into the
+    exported model (TorchScript), so served models resize to exactly the same size.
+    """
     scale = side / min(width, height)
-    size = (max(side, round(width * scale)), max(side, round(height * scale)))
+    return max(side, int(round(width * scale))), max(side, int(round(height * scale)))
+
+
+def center_start(length: int, size: int) -> int:
+    """Where a centred window of `size` starts along a side of `length` (also exported)."""
+    return (length - size) // 2
+
+
+def _scale_shorter_side(image: Image.Image, side: int) -> Image.Image:
+    size = scaled_size(image.size[0], image.size[1], side)
     return image if size == image.size else image.resize(size, Image.BILINEAR, reducing_gap=3.0)
 
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:
     if image.size == (size, size):
         return image
-    left = (image.size[0] - size) // 2
-    top = (image.size[1] - size) // 2
+    left = center_start(image.size[0], size)
+    top = center_start(image.size[1], size)
     return image.crop((left, top, left + size, top + size))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SIZE = 256  # images are packed and averaged at SIZE x SIZE; finetune resizes to it
+EXPORT_FORMATS = ("torchscript", "onnx")  # `pipeline export --format`
 
 
 @dataclass(frozen=True)
