@@ -319,6 +319,9 @@ def layers(arch: str, freeze_until: str | None) -> None:
                    "[default: .feature-cache/ beside the training data]")
 @click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default=FINETUNE.cache_dtype,
               show_default=True, help="Storage type of cached features.")
+@click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path),
+              help="Also log every epoch's figures (those of log.csv) to TensorBoard in this "
+                   "folder (needs the tensorboard package).")
 @click.option("--max-steps", type=click.IntRange(min=1), hidden=True)
 def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
              freeze_until: str, epochs: int, batch_size: int, lr: float, lr_mult: float,
@@ -327,7 +330,7 @@ def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
              scale_jitter: tuple[int, int] | None, mean: str, workers: int, out: Path,
              resume: bool, seed: int, precision: str, channels_last: bool,
              cache_features: bool, cache_views: int, cache_dir: Path | None, cache_dtype: str,
-             max_steps: int | None) -> None:
+             tensorboard: Path | None, max_steps: int | None) -> None:
     """Fine-tune a pretrained AlexNet/VGG with its lower layers frozen.
 
     Writes OUT/log.csv (a line per epoch), OUT/checkpoint.pt (every epoch), OUT/best.pt,
@@ -345,7 +348,7 @@ def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
         jitter=tuple(scale_jitter) if scale_jitter else None, mean=mean, workers=workers,
         out=out, resume=resume, seed=seed, precision=precision, channels_last=channels_last,
         cache_features=cache_features, cache_views=cache_views, cache_dir=cache_dir,
-        cache_dtype=cache_dtype, max_steps=max_steps)
+        cache_dtype=cache_dtype, tensorboard=tensorboard, max_steps=max_steps)
     metrics = run_finetune(config)
     if metrics:
         click.echo(json.dumps(metrics, indent=2))

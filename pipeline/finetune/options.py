@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ class FinetuneConfig:
     cache_views: int = 8
     cache_dir: Path | None = None  # default: .feature-cache/ beside the training data
     cache_dtype: str = "fp16"
+    tensorboard: Path | None = None  # also write each epoch's log.csv figures here
+
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -74,6 +77,9 @@ def check_config(config: FinetuneConfig) -> None:
     if config.cache_features and config.freeze_until in (None, "none"):
         raise InputError("--cache-features caches the frozen layers' output, and nothing is "
                          "frozen: pass --freeze-until LAYER (see `pipeline layers`)")
+    if config.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("--tensorboard needs the tensorboard package: pip install "
+                         "'synset-pipeline[tensorboard]' (or drop --tensorboard)")
     if config.cache_views < 1:
         raise InputError("--cache-views must be at least 1")
     if (config.out / CHECKPOINT_NAME).exists() and not config.resume:

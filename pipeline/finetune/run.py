@@ -75,7 +75,7 @@ class _Feed:
 class _Run:
     def __init__(self, config: FinetuneConfig, ranks: Ranks) -> None:
         self.config, self.ranks = config, ranks
-        self.rundir = RunDir(config.out)
+        self.rundir = RunDir(config.out, config.tensorboard)
         torch.manual_seed(config.seed)
         self.spec = InputSpec(config.crop, config.resize, config.jitter)
         train_images = open_images(config.train, self.spec, train=True, seed=config.seed)
