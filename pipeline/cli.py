@@ -380,10 +380,22 @@ def evaluate(checkpoint: Path, data: Path, out: Path | None, batch_size: int,
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=EVALUATE.top_k, show_default=True)
-def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int) -> None:
-    """Classify IMAGES with CHECKPOINT: top-k classes with probabilities."""
-    from pipeline.evaluate import predict as run_predict
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a CSV (path, class/name/probability per rank, error) instead of "
+                   "lines.  [default with a folder: predictions.csv]")
+def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, out: Path | None) -> None:
+    """Classify IMAGES (files, or folders of them) with CHECKPOINT: top-k classes.
 
+    Files alone print a line each. A folder (every image under it), or --out, writes a CSV
+    with progress; unreadable images are rows with an error there, not a failure.
+    """
+    from pipeline.evaluate import predict as run_predict
+    from pipeline.evaluate import predict_to_csv
+
+    if out is not None or any(path.is_dir() for path in images):
+        click.echo(predict_to_csv(checkpoint, list(images), out or Path("predictions.csv"),
+                                  top_k).summary())
+        return
     predictions = run_predict(checkpoint, list(images), top_k)
     for prediction in predictions:
         click.echo(prediction.summary())

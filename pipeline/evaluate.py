@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ import torch
 from pipeline.data import open_images
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_open, atomic_write_text
-from pipeline.images import ImageDecodeError, decode_image
+from pipeline.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image, is_image_path
 from pipeline.manifest import ClassRecord, display_name
 from pipeline.metrics import EvalResult, evaluate_loader, make_eval_loader
-from pipeline.models import inference_from
+from pipeline.models import Inference, inference_from
 from pipeline.preprocess import resize_center_crop
+from pipeline.progress import Progress
 from pipeline.stage_options import EVALUATE
 
 MISCLASSIFIED_SHOWN = 12  # in misclassified.png; misclassified.csv lists them all
@@ -192,23 +194,80 @@ class Prediction:
                                             for p, wnid, name in self.top)
 
 
-@torch.no_grad()
 def predict(checkpoint_path: Path, images: list[Path],
             top_k: int = EVALUATE.top_k) -> list[Prediction]:
-    device = default_device()
-    inference = inference_from(checkpoint_path, device)
+    inference = inference_from(checkpoint_path, default_device())
+    return list(_predictions(inference, images, top_k))
+
+
+@torch.no_grad()
+def _predictions(inference: Inference, images: list[Path], top_k: int) -> Iterator[Prediction]:
+    """One prediction per image, as it is made (a folder of thousands streams to its CSV)."""
+    device = next(inference.model.parameters()).device
     k = min(top_k, len(inference.classes))
-    predictions = []
     for path in images:
         try:
             image = decode_image(path, min_side=inference.spec.decode_side)
         except (ImageDecodeError, OSError) as exc:
-            predictions.append(Prediction(path, [], str(exc)))
+            yield Prediction(path, [], str(exc))
             continue
         pixels = torch.from_numpy(inference.spec.eval_pixels(image)).permute(2, 0, 1)[None]
         logits = inference.model(inference.normalization(pixels.to(device)))
         probabilities, indices = logits.softmax(dim=1)[0].topk(k)
-        predictions.append(Prediction(path, [
+        yield Prediction(path, [
             (float(p), inference.classes[i].wnid, inference.classes[i].name)
-            for p, i in zip(probabilities.tolist(), indices.tolist(), strict=True)]))
-    return predictions
+            for p, i in zip(probabilities.tolist(), indices.tolist(), strict=True)])
+
+
+@dataclass(frozen=True)
+class PredictionsFile:
+    path: Path
+    count: int
+    failed: int
+
+    def summary(self) -> str:
+        failed = (f"; {self.failed} could not be read (see the error column)" if self.failed
+                  else "")
+        return f"wrote {self.count} prediction(s) to {self.path}{failed}"
+
+
+def predict_to_csv(checkpoint_path: Path, inputs: list[Path], out: Path,
+                   top_k: int = EVALUATE.top_k) -> PredictionsFile:
+    """Batch mode: files and folders (every image under them) into one CSV, with progress.
+
+    An unreadable image is a row with its error, not a failure: in a folder of thousands a few
+    broken files are expected, and the CSV says which.
+    """
+    images = expand_images(inputs)
+    inference = inference_from(checkpoint_path, default_device())
+    k = min(top_k, len(inference.classes))
+    progress = Progress("predict", total=len(images))
+    count = failed = 0
+    with atomic_open(out, "w", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", *(f"{column}_{rank}" for rank in range(1, k + 1)
+                                   for column in ("class", "name", "probability")), "error"])
+        for prediction in _predictions(inference, images, k):
+            top = [value for p, wnid, name in prediction.top for value in (wnid, name, f"{p:.6f}")]
+            writer.writerow([str(prediction.path), *top, *[""] * (3 * k - len(top)),
+                             prediction.error])
+            count += 1
+            failed += bool(prediction.error)
+            progress.update(count="failed" if prediction.error else None)
+    progress.close()
+    return PredictionsFile(out, count, failed)
+
+
+def expand_images(inputs: list[Path]) -> list[Path]:
+    """Files as given; a folder becomes every image file under it, sorted."""
+    images: list[Path] = []
+    for path in inputs:
+        if not path.is_dir():
+            images.append(path)
+            continue
+        found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p))
+        if not found:
+            raise InputError(f"{path} holds no image files (looked for "
+                             f"{', '.join(sorted(IMAGE_SUFFIXES))} in it and its subfolders)")
+        images.extend(found)
+    return images
