@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import __version__, progress
+from pipeline import __version__, progress, runfolder
 from pipeline.archs import ARCHS
 from pipeline.errors import InputError
 from pipeline.finetune.options import CACHE_DTYPES, PRECISIONS, SCHEDULES, FinetuneConfig
@@ -371,7 +371,7 @@ def evaluate(checkpoint: Path, data: Path, out: Path | None, batch_size: int,
     """
     from pipeline.evaluate import evaluate_checkpoint
 
-    out = out or checkpoint.parent / f"eval-{data.stem}"
+    out = out or runfolder.eval_folder(checkpoint.parent, data)
     click.echo(evaluate_checkpoint(checkpoint, data, out, batch_size=batch_size,
                                    workers=workers).summary())
 

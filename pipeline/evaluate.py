@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import runfolder
 from pipeline.data import open_images
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_open, atomic_write_text
@@ -93,35 +94,35 @@ def _write_reports(result: EvalResult, classes: list[ClassRecord], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     wnids = [c.wnid for c in classes]
     accuracy = result.per_class_accuracy()
-    atomic_write_text(out / "eval.json", json.dumps({
+    atomic_write_text(out / runfolder.EVAL_JSON, json.dumps({
         **about, "images": result.count, "top1": result.top1, "top5": result.top5,
         "loss": result.loss, "skipped": result.skipped,
         "per_class_top1": dict(zip(wnids, accuracy.round(6).tolist(), strict=True)),
         "classes": [{"wnid": c.wnid, "name": c.name} for c in classes],
     }, indent=2) + "\n")
-    with atomic_open(out / "per_class.csv", "w", encoding="utf-8") as handle:
+    with atomic_open(out / runfolder.PER_CLASS_CSV, "w", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["class", "images", "top1"])
         for wnid, total, acc in zip(wnids, result.confusion.sum(axis=1), accuracy, strict=True):
             writer.writerow([wnid, int(total), round(float(acc), 6)])
-    with atomic_open(out / "confusion.csv", "w", encoding="utf-8") as handle:
+    with atomic_open(out / runfolder.CONFUSION_CSV, "w", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["true \\ predicted", *wnids])
         for wnid, row in zip(wnids, result.confusion, strict=True):
             writer.writerow([wnid, *row.tolist()])
-    plot_confusion(result.confusion, wnids, out / "confusion.png")
+    plot_confusion(result.confusion, wnids, out / runfolder.CONFUSION_PNG)
 
 
 def _write_misclassified(misses: list[_Miss], images: Any, out: Path) -> None:
-    with atomic_open(out / "misclassified.csv", "w", encoding="utf-8") as handle:
+    with atomic_open(out / runfolder.MISCLASSIFIED_CSV, "w", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", "path", "true", "predicted", "probability"])
         for miss in misses:
             writer.writerow([miss.index, miss.path, miss.true.wnid, miss.predicted.wnid,
                              round(miss.probability, 6)])
-    (out / "misclassified.png").unlink(missing_ok=True)  # none now: no stale figure either
+    (out / runfolder.MISCLASSIFIED_PNG).unlink(missing_ok=True)  # none now: no stale figure either
     if misses:
-        plot_misclassified(misses[:MISCLASSIFIED_SHOWN], images, out / "misclassified.png")
+        plot_misclassified(misses[:MISCLASSIFIED_SHOWN], images, out / runfolder.MISCLASSIFIED_PNG)
 
 
 def plot_misclassified(misses: list[_Miss], images: Any, path: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import runfolder
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_open, atomic_write_text
 from pipeline.images import ImageDecodeError
@@ -64,13 +65,13 @@ class RunInfo:
 
 def read_run(folder: Path) -> RunInfo:
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        with open(folder / "log.csv", newline="", encoding="utf-8") as handle:
+        config = json.loads((folder / runfolder.CONFIG).read_text(encoding="utf-8"))
+        with open(folder / runfolder.LOG, newline="", encoding="utf-8") as handle:
             rows = [{k: float(v) for k, v in row.items() if v not in ("", None)}
                     for row in csv.DictReader(handle)]
     except (OSError, ValueError) as exc:
         raise InputError(f"{folder} is not a finished `pipeline finetune` run: {exc}") from None
-    metrics_path = folder / "metrics.json"
+    metrics_path = folder / runfolder.METRICS
     metrics = (json.loads(metrics_path.read_text(encoding="utf-8"))
                if metrics_path.exists() else {})
     return RunInfo(folder.name, folder, config, rows, metrics.get("feature_cache"))
@@ -113,13 +114,13 @@ def read_evaluation(run: RunInfo) -> EvaluationInfo | None:
     val = run.config.get("val")
     if not val:
         return None
-    folder = run.folder / f"eval-{Path(val).stem}"
-    if not (folder / "eval.json").exists():
+    folder = runfolder.eval_folder(run.folder, val)
+    if not (folder / runfolder.EVAL_JSON).exists():
         log.info("report: no evaluation in %s (run `pipeline evaluate` first to include it)",
                  folder)
         return None
     return EvaluationInfo(str(val), folder,
-                          json.loads((folder / "eval.json").read_text(encoding="utf-8")))
+                          json.loads((folder / runfolder.EVAL_JSON).read_text(encoding="utf-8")))
 
 
 def _manifest_dir(train: Path) -> Path:
@@ -222,12 +223,12 @@ def _evaluation_sections(evaluation: EvaluationInfo, out: Path) -> list[str]:
                 f"loss {result['loss']:.3f}</p>",
                 "<div style='display:flex;gap:2em;align-items:flex-start'>"
                 + _table(rows)
-                + _figure("Confusion matrix", evaluation.folder / "confusion.png", "", out)
+                + _figure("Confusion matrix", evaluation.folder / runfolder.CONFUSION_PNG, "", out)
                 + "</div>"]
-    misclassified = evaluation.folder / "misclassified.png"
+    misclassified = evaluation.folder / runfolder.MISCLASSIFIED_PNG
     if misclassified.exists():
         sections.append(_figure("Misclassified validation images (true class → predicted)",
-                                misclassified, "misclassified.png", out))
+                                misclassified, runfolder.MISCLASSIFIED_PNG, out))
     return sections
 
 

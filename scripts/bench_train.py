@@ -38,6 +38,7 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
+from pipeline import runfolder
 from pipeline.data import EpochSampler, make_loader, open_images
 from pipeline.label import label
 from pipeline.models import freeze, frozen_layers, layer_table
@@ -142,7 +143,7 @@ def run_ours(workdir: Path, precision: str, args: argparse.Namespace) -> dict[st
          "--freeze-until", "conv4", "--epochs", str(args.epochs), "--precision", precision,
          "--workers", "2", "--out", str(out), "--lr", str(args.lr)],
         workdir / f"finetune-{precision}.log", sample_seconds=2.0)
-    with open(out / "log.csv", newline="") as handle:
+    with open(out / runfolder.LOG, newline="") as handle:
         rows = list(csv.DictReader(handle))
     rates = [float(row["images_per_s"]) for row in rows]
     return {"images_per_s": statistics.median(rates), "epoch_rates": rates,
@@ -186,9 +187,9 @@ def run_finetune(workdir: Path, name: str, args: list[str],
     run = benchlib.run_measured([sys.executable, "-m", "pipeline", "-q", "finetune", *args,
                                  "--out", str(out)], workdir / f"{name}.log",
                                 sample_seconds=2.0)
-    with open(out / "log.csv", newline="") as handle:
+    with open(out / runfolder.LOG, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / runfolder.METRICS).read_text())
     return {"rates": [float(r["images_per_s"]) for r in rows],
             "val_top1": [float(r["val_top1"]) for r in rows], "metrics": metrics,
             "seconds": run.seconds, "max_rss_mb": run.max_rss_mb,

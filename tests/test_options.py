@@ -4,6 +4,7 @@
 import re
 from pathlib import Path
 
+from pipeline import runfolder
 from pipeline.finetune.options import FinetuneConfig
 from pipeline.stage_options import LABEL, SIZE
 
@@ -40,3 +41,12 @@ def test_makefile_defaults_equal_the_python_defaults():
 
 def test_finetune_resizes_to_the_packed_size():
     assert FINETUNE.resize == SIZE
+
+
+def test_makefile_uses_the_run_folder_layout():
+    """The Makefile cannot import pipeline/runfolder.py, so it must spell the same names."""
+    text = MAKEFILE.read_text()
+    run = Path("$(RUNDIR)")
+    for path in (run / runfolder.CHECKPOINT, run / runfolder.BEST, run / runfolder.METRICS,
+                 runfolder.eval_folder(run, "$(DATA)/val.h5") / runfolder.EVAL_JSON):
+        assert str(path) in text, f"the Makefile never names {path}"

@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import runfolder
 from pipeline.errors import InputError
 from pipeline.stage_options import SIZE
 
 SCHEDULES = ("step", "cosine", "plateau")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CACHE_DTYPES = ("fp16", "bf16", "fp32")
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def check_config(config: FinetuneConfig) -> None:
                          "'synset-pipeline[tensorboard]' (or drop --tensorboard)")
     if config.cache_views < 1:
         raise InputError("--cache-views must be at least 1")
-    if (config.out / CHECKPOINT_NAME).exists() and not config.resume:
+    if (config.out / runfolder.CHECKPOINT).exists() and not config.resume:
         raise InputError(f"{config.out} already holds a run; pass --resume to continue it or "
                          "choose another --out")
 

@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoint
-from pipeline.finetune.options import CHECKPOINT_NAME
+from pipeline import checkpoint, runfolder
 from pipeline.fsutil import atomic_link, atomic_write_text
 
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
@@ -21,14 +20,14 @@ LOG_FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1",
 class RunDir:
     def __init__(self, path: Path, tensorboard: Path | None = None) -> None:
         self.path = Path(path)
-        self.checkpoint = self.path / CHECKPOINT_NAME
-        self.best = self.path / "best.pt"
+        self.checkpoint = self.path / runfolder.CHECKPOINT
+        self.best = self.path / runfolder.BEST
         self.tensorboard_dir = tensorboard
         self._tensorboard: Any = None  # a SummaryWriter, opened by start()
 
     def start(self, config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.path / "config.json", config)
+        write_json(self.path / runfolder.CONFIG, config)
         if self.tensorboard_dir is not None:
             # Imported here: tensorboard is optional, and only this option needs it.
             from torch.utils.tensorboard import SummaryWriter
@@ -45,7 +44,7 @@ class RunDir:
             atomic_link(self.checkpoint, self.best)
 
     def finish(self, metrics: dict[str, Any]) -> None:
-        write_json(self.path / "metrics.json", metrics)
+        write_json(self.path / runfolder.METRICS, metrics)
         if self._tensorboard is not None:
             self._tensorboard.close()
 
@@ -53,7 +52,7 @@ class RunDir:
         return checkpoint.load(self.checkpoint) if self.checkpoint.exists() else None
 
     def _append_log(self, row: dict[str, Any]) -> None:
-        path = self.path / "log.csv"
+        path = self.path / runfolder.LOG
         new = not path.exists()
         with open(path, "a", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
