@@ -39,12 +39,15 @@ class Normalization:
     def from_mean_file(cls, path: Path, spec: InputSpec) -> Normalization:
         """The dataset mean image (`pipeline mean`), brought to the crop the network sees."""
         try:
-            image = torch.from_numpy(np.load(path)).float().permute(2, 0, 1)
+            array = np.load(path)
         except (OSError, ValueError) as exc:
             raise InputError(
                 f"--mean {path} is not a mean image from `pipeline mean`: {exc}") from None
-        if image.shape[0] != 3 or image.ndim != 3:
-            raise InputError(f"--mean {path} has shape {tuple(image.shape)}, expected H x W x 3")
+        # Checked before any reshaping, so a wrong file is this message, not a torch traceback.
+        if not isinstance(array, np.ndarray) or array.ndim != 3 or array.shape[2] != 3:
+            shape = getattr(array, "shape", type(array).__name__)
+            raise InputError(f"--mean {path} has shape {shape}, expected H x W x 3")
+        image = torch.from_numpy(array).float().permute(2, 0, 1)
         side = max(spec.resize, spec.crop)
         image = nn.functional.interpolate(image[None], size=(side, side), mode="bilinear",
                                           align_corners=False)[0]
