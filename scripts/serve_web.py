@@ -604,10 +604,6 @@ class WebHandle(WebLayout):
         """Per-host counters (see `_Web.stats`), safe to call from any thread."""
         return self._web.stats()
 
-    def mirror_stats(self) -> dict[str, Any]:
-        """The alive hosts' shared mirror counters: requests, by_route, by_path."""
-        return self._web.mirror.counters.snapshot(paths=True)
-
 
 @contextlib.contextmanager
 def serve_web(sample_root: Path, hosts: Sequence[HostSpec], *, port: int = 0,
