@@ -167,6 +167,44 @@ def _dots(pen: Pen, rng: np.random.Generator) -> None:
             pen.disc(-1 + (i + 0.5) * step, -1 + (j + 0.5) * step, radius)
 
 
+def _grid(pen: Pen, rng: np.random.Generator) -> None:
+    n, width = int(rng.integers(3, 6)), rng.uniform(0.07, 0.12)
+    for i in range(n + 1):
+        offset = -1 + i * 2 / n
+        pen.polygon(_rect(offset - width / 2, -1.2, offset + width / 2, 1.2))
+        pen.polygon(_rect(-1.2, offset - width / 2, 1.2, offset + width / 2))
+
+
+def _waves(pen: Pen, rng: np.random.Generator) -> None:
+    rows, cycles = int(rng.integers(2, 4)), rng.uniform(1.5, 3.0)
+    amplitude, width = rng.uniform(0.1, 0.2), rng.uniform(0.1, 0.16)
+    xs = np.linspace(-1.2, 1.2, 60)
+    for row in range(rows):
+        y = -1 + (row + 0.5) * 2 / rows
+        pen.line([(x, y + amplitude * math.sin(math.pi * cycles * x)) for x in xs], width)
+
+
+def _bricks(pen: Pen, rng: np.random.Generator) -> None:
+    rows, gap = int(rng.integers(3, 6)), rng.uniform(0.06, 0.1)
+    height = 2 / rows
+    length = height * rng.uniform(1.8, 2.6)
+    for row in range(rows):
+        y0 = -1 + row * height
+        x = -1.2 - (length / 2 if row % 2 else 0)
+        while x < 1.2:
+            pen.polygon(_rect(x + gap / 2, y0 + gap / 2, x + length - gap / 2,
+                              y0 + height - gap / 2))
+            x += length
+
+
+def _spiral(pen: Pen, rng: np.random.Generator) -> None:
+    turns, width = rng.uniform(2.0, 3.0), rng.uniform(0.1, 0.15)
+    angles = np.linspace(0, 2 * math.pi * turns, 160)
+    radii = 0.12 + 0.88 * angles / angles[-1]
+    pen.line([(r * math.cos(a), r * math.sin(a)) for r, a in zip(radii, angles, strict=True)],
+             width)
+
+
 def _windowed(pattern: Callable[[Pen, np.random.Generator], None]
               ) -> Callable[[Pen, np.random.Generator], None]:
     """A texture seen through a disc or a square, so its outline says nothing about the class."""
@@ -202,6 +240,12 @@ CLASSES: tuple[SampleClass, ...] = (
     SampleClass("polka dots, dots, spots", _windowed(_dots), _TEXTURE),
     SampleClass("hexagon", _hexagon, _SHAPE),
     SampleClass("crescent, half moon", _crescent, _SHAPE),
+    # More source-side figures for transfer demos: textures that make a network look inside a
+    # figure's outline (grid, waves, bricks), and a curve that is not a closed shape (spiral).
+    SampleClass("grid, lattice, grating", _windowed(_grid), _TEXTURE),
+    SampleClass("waves, wavy lines", _windowed(_waves), _TEXTURE),
+    SampleClass("brickwork, bricks", _windowed(_bricks), _TEXTURE),
+    SampleClass("spiral, volute", _spiral, _SHAPE),
 )
 
 
