@@ -22,7 +22,7 @@ from pipeline.errors import InputError
 from pipeline.finetune.options import CACHE_DTYPES, PRECISIONS, SCHEDULES, FinetuneConfig
 from pipeline.gather.options import GatherOptions
 from pipeline.parallel import default_workers
-from pipeline.stage_options import EVALUATE, EXPORT_FORMATS, LABEL, SIZE, VALIDATE
+from pipeline.stage_options import CROSS_CLASS, EVALUATE, EXPORT_FORMATS, LABEL, SIZE, VALIDATE
 
 log = logging.getLogger("pipeline")
 GATHER = GatherOptions()  # the defaults, written once
@@ -198,18 +198,33 @@ def validate(root: Path, quarantine: Path | None, report: Path | None, min_size:
 @click.option("--seed", type=int, default=LABEL.seed, show_default=True,
               help="Seed of the split.")
 @click.option("--words", type=EXISTING_FILE, help="words.txt, for human class names.")
-def label(root: Path, out: Path, val_ratio: float, seed: int, words: Path | None) -> None:
+@click.option("--near-distance", type=click.IntRange(0, 15), default=LABEL.near_distance,
+              show_default=True,
+              help="Images whose 64-bit perceptual hashes differ in at most this many bits "
+                   "(and agree on a finer hash) are copies: re-encoded, rescaled, slightly "
+                   "cropped or bordered (0: byte-identical files only).")
+@click.option("--cross-class", type=click.Choice(CROSS_CLASS), default=LABEL.cross_class,
+              show_default=True,
+              help="Copies found in several classes: drop them all, keep those of the first "
+                   "class (in label order), or keep every copy (on one side of the split). "
+                   "Listed in OUT/conflicts.txt either way; nothing is deleted.")
+@WORKERS_OPTION
+def label(root: Path, out: Path, val_ratio: float, seed: int, words: Path | None,
+          near_distance: int, cross_class: str, workers: int) -> None:
     """Write train/val manifests and the label map from ROOT's class folders.
 
     One class per top-level folder of ROOT (sorted); images in nested folders belong to their
     top-level class. Writes OUT/train.txt, OUT/val.txt ("path label" lines), OUT/labels.txt,
-    OUT/root.txt and OUT/duplicates.txt. Identical files always land on the same side.
+    OUT/root.txt, OUT/duplicates.txt and OUT/conflicts.txt. Copies of one image (identical
+    bytes, or near-identical perceptual hashes) always land on the same side; hashes are
+    cached in ROOT/.label-hashes.json by size and mtime.
     """
     from pipeline.label import label as run_label
     from pipeline.urllist import read_words
 
     report = run_label(root, out, val_ratio=val_ratio, seed=seed,
-                       words=read_words(words) if words else None)
+                       words=read_words(words) if words else None,
+                       near_distance=near_distance, cross_class=cross_class, workers=workers)
     click.echo(report.summary())
 
 

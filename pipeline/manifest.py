@@ -19,6 +19,8 @@ from pipeline.fsutil import atomic_write_text
 ROOT_FILE = "root.txt"
 LABELS_FILE = "labels.txt"
 DUPLICATES_FILE = "duplicates.txt"
+CONFLICTS_FILE = "conflicts.txt"
+CONFLICTS_HEADER = ("group", "how", "class", "path", "action")
 
 
 @dataclass(frozen=True)
@@ -130,5 +132,47 @@ def write_root(out: Path, root: Path) -> None:
     atomic_write_text(out / ROOT_FILE, os.path.relpath(root.resolve(), out.resolve()) + "\n")
 
 
-def write_duplicates(out: Path, groups: list[list[str]]) -> None:
-    atomic_write_text(out / DUPLICATES_FILE, "".join("\t".join(paths) + "\n" for paths in groups))
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Copies of one image: `how` they were found (bytes: identical files; perceptual: close
+    perceptual hashes, and maybe identical files too) and their paths, sorted."""
+
+    how: str
+    paths: tuple[str, ...]
+
+
+def write_duplicates(out: Path, groups: list[DuplicateGroup]) -> None:
+    """One group per line: `<how><TAB><path><TAB><path>...`."""
+    atomic_write_text(out / DUPLICATES_FILE,
+                      "".join("\t".join((g.how, *g.paths)) + "\n" for g in groups))
+
+
+def read_duplicates(out: Path) -> list[DuplicateGroup]:
+    path = out / DUPLICATES_FILE
+    if not path.exists():
+        return []
+    groups = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        how, *paths = line.split("\t")
+        if how not in ("bytes", "perceptual") or len(paths) < 2:
+            raise InputError(f"{path}:{lineno}: expected '<bytes|perceptual><TAB><path>"
+                             "<TAB><path>...' (rerun `pipeline label`)")
+        groups.append(DuplicateGroup(how, tuple(paths)))
+    return groups
+
+
+def write_conflicts(out: Path, rows: list[tuple[int, str, str, str, str]]) -> None:
+    """Cross-class copies, one file per line (see CONFLICTS_HEADER), tab-separated."""
+    lines = ["\t".join(CONFLICTS_HEADER)] + ["\t".join(map(str, row)) for row in rows]
+    atomic_write_text(out / CONFLICTS_FILE, "\n".join(lines) + "\n")
+
+
+def read_conflicts(out: Path) -> list[dict[str, str]]:
+    path = out / CONFLICTS_FILE
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or tuple(lines[0].split("\t")) != CONFLICTS_HEADER:
+        raise InputError(f"{path}:1: expected the header {'<TAB>'.join(CONFLICTS_HEADER)} "
+                         "(rerun `pipeline label`)")
+    return [dict(zip(CONFLICTS_HEADER, line.split("\t"), strict=True)) for line in lines[1:]]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 SIZE = 256  # images are packed and averaged at SIZE x SIZE; finetune resizes to it
 EXPORT_FORMATS = ("torchscript", "onnx")  # `pipeline export --format`
+CROSS_CLASS = ("drop", "first", "keep")  # `pipeline label --cross-class`
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class ValidateDefaults:
 class LabelDefaults:
     val_ratio: float = 0.1
     seed: int = 0
+    # Bits of the 64-bit perceptual hash two copies may differ by (0: byte-identical only);
+    # pipeline/perceptual.py says what 10 matches and what it does not.
+    near_distance: int = 10
+    cross_class: str = "drop"  # an image in two classes carries two labels: drop by default
 
 
 @dataclass(frozen=True)

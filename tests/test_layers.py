@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 LAYERS = {
     "helpers": {"__init__", "archs", "errors", "fsutil", "images", "normalization", "parallel",
-                "preprocess", "progress", "stage_options", "tables"},
+                "perceptual", "preprocess", "progress", "stage_options", "tables"},
     "formats": {"checkpoint", "journal", "manifest", "packfile", "runfolder", "urllist"},
     "shared": {"data", "metrics", "models"},
     "stages": {"evaluate", "export", "finetune", "gather", "label", "mean", "pack", "report",
