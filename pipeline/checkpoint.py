@@ -7,6 +7,7 @@ in it is a tensor or a plain Python value, so it loads with `torch.load(weights_
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,13 @@ def read_torch_file(path: Path, what: str) -> Any:
         raise InputError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{what} {path} holds Python objects that a weights-only load refuses "
+                         "(a whole pickled model?): save its state_dict instead, "
+                         "torch.save(model.state_dict(), PATH)") from None
     except Exception as exc:  # noqa: BLE001 - one message for any unreadable file
-        raise InputError(f"{what} {path} is not a readable PyTorch file: {exc}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{what} {path} is not a readable PyTorch file: {reason}") from None
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
