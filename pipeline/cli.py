@@ -20,7 +20,7 @@ from pipeline import __version__, progress, runfolder
 from pipeline.archs import ARCHS
 from pipeline.errors import InputError
 from pipeline.finetune.options import CACHE_DTYPES, PRECISIONS, SCHEDULES, FinetuneConfig
-from pipeline.gather.options import GatherOptions
+from pipeline.gather.options import HYPONYM_CONFLICTS, GatherOptions
 from pipeline.parallel import default_workers
 from pipeline.stage_options import CROSS_CLASS, EVALUATE, EXPORT_FORMATS, LABEL, SIZE, VALIDATE
 
@@ -75,7 +75,13 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option("--is-a", "is_a", type=EXISTING_FILE,
               help="wordnet.is_a.txt ('<parent> <child>' per line), for --with-hyponyms.")
 @click.option("--with-hyponyms", is_flag=True,
-              help="Also fetch every hyponym's images, filed under OUT/<wnid>/<hyponym>/.")
+              help="Also fetch every hyponym's images, filed under OUT/<wnid>/<hyponym>/ of "
+                   "the most specific requested class that contains it.")
+@click.option("--hyponym-conflicts", type=click.Choice(HYPONYM_CONFLICTS),
+              default=GATHER.hyponym_conflicts, show_default=True,
+              help="A hyponym under two unrelated requested classes (several parents): drop "
+                   "its URLs, or file them under the first of those classes as requested. "
+                   "Listed in OUT/hyponym_conflicts.txt either way.")
 @click.option("--limit", type=click.IntRange(min=1),
               help="Stop at exactly this many good images per synset.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=GATHER.concurrency,
@@ -123,7 +129,8 @@ def cli(verbose: bool, quiet: bool) -> None:
                    "host's generic placeholder: every copy is dropped as placeholder and the "
                    "digest remembered in OUT/placeholders.txt (0: off).")
 def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Path,
-           words: Path | None, is_a: Path | None, with_hyponyms: bool, limit: int | None,
+           words: Path | None, is_a: Path | None, with_hyponyms: bool, hyponym_conflicts: str,
+           limit: int | None,
            concurrency: int, per_host: int, processes: int | None, timeout: float,
            url_deadline: float, min_rate: int, retries: int, host_failures: int,
            resolve: tuple[str, ...], allow_private_redirects: bool, max_bytes: int,
@@ -150,7 +157,7 @@ def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Pat
         min_size=min_size, limit=limit, honour_opt_out=not ignore_opt_out,
         placeholder_digests=frozenset(hashlib.sha256(p.read_bytes()).hexdigest()
                                       for p in placeholders),
-        placeholder_after=placeholder_after)
+        placeholder_after=placeholder_after, hyponym_conflicts=hyponym_conflicts)
     report = stage.gather_synsets(urls, requested, options, is_a=is_a,
                                   with_hyponyms=with_hyponyms)
     click.echo(report.summary(read_words(words) if words else None))

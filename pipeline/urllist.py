@@ -19,6 +19,7 @@ from typing import NamedTuple
 import idna  # yarl's own IDNA codec (UTS #46, as browsers), so it is installed with aiohttp
 
 from pipeline.errors import InputError
+from pipeline.fsutil import atomic_write_text
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
@@ -264,15 +265,73 @@ def _read_text_lines(path: Path, what: str) -> list[tuple[int, str]]:
             if line.strip() and not line.startswith("#")]
 
 
-def expand_hyponyms(wnids: list[str], is_a: dict[str, list[str]]) -> dict[str, str]:
-    """Map every wnid under each requested one (itself included) to the requested class."""
-    classes: dict[str, str] = {}
+@dataclass
+class Hyponyms:
+    """Every synset under the requested classes, and the class it is filed under.
+
+    `classes` maps a synset to the most specific requested class that contains it (a
+    requested class to itself), whatever the order of the request; `conflicts` maps a synset
+    under several unrelated requested classes (WordNet synsets may have several parents) to
+    those classes, in request order: an image of it would carry two labels.
+    """
+
+    classes: dict[str, str] = field(default_factory=dict)
+    conflicts: dict[str, list[str]] = field(default_factory=dict)
+
+
+def resolve_hyponyms(wnids: list[str], is_a: dict[str, list[str]]) -> Hyponyms:
+    """File every synset under the requested classes by the graph, not by argument order."""
+    below = {klass: _descendants(klass, is_a) for klass in wnids}
+    owners: dict[str, list[str]] = {}
     for klass in wnids:
-        stack = [klass]
-        while stack:
-            wnid = stack.pop()
-            if wnid in classes:
-                continue
-            classes[wnid] = klass
-            stack.extend(is_a.get(wnid, []))
-    return classes
+        for wnid in sorted(below[klass]):
+            owners.setdefault(wnid, []).append(klass)
+    hyponyms = Hyponyms()
+    for wnid, classes in owners.items():
+        specific = [k for k in classes if not any(o != k and o in below[k] for o in classes)]
+        if len(specific) == 1:
+            hyponyms.classes[wnid] = specific[0]
+        else:
+            hyponyms.conflicts[wnid] = specific
+    return hyponyms
+
+
+def _descendants(wnid: str, is_a: dict[str, list[str]]) -> set[str]:
+    """`wnid` and every synset below it (the graph is a DAG: a synset may be reached twice)."""
+    found: set[str] = set()
+    stack = [wnid]
+    while stack:
+        current = stack.pop()
+        if current not in found:
+            found.add(current)
+            stack.extend(is_a.get(current, []))
+    return found
+
+
+HYPONYM_CONFLICTS_NAME = "hyponym_conflicts.txt"  # beside the gather journal
+HYPONYM_CONFLICTS_HEADER = ("synset", "classes", "urls", "resolution")
+
+
+def write_hyponym_conflicts(path: Path, rows: list[tuple[str, list[str], int, str]]) -> None:
+    """One conflict per line: synset, its requested classes (comma-separated), its URLs in the
+    list, and what was done (dropped, or the class it was filed under)."""
+    lines = ["\t".join(HYPONYM_CONFLICTS_HEADER)] + [
+        f"{wnid}\t{','.join(classes)}\t{urls}\t{resolution}"
+        for wnid, classes, urls, resolution in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_hyponym_conflicts(path: Path) -> list[dict[str, str]]:
+    """The rows `write_hyponym_conflicts` wrote, as dicts keyed by the header."""
+    lines = [(n, line) for n, line in _read_text_lines(path, "hyponym conflicts file")]
+    if not lines or tuple(lines[0][1].split("\t")) != HYPONYM_CONFLICTS_HEADER:
+        raise InputError(f"{path}:1: expected the header "
+                         f"{'<TAB>'.join(HYPONYM_CONFLICTS_HEADER)} (rerun `pipeline gather`)")
+    rows = []
+    for lineno, line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) != len(HYPONYM_CONFLICTS_HEADER):
+            raise InputError(f"{path}:{lineno}: expected {len(HYPONYM_CONFLICTS_HEADER)} "
+                             "tab-separated fields (rerun `pipeline gather`)")
+        rows.append(dict(zip(HYPONYM_CONFLICTS_HEADER, fields, strict=True)))
+    return rows

@@ -10,10 +10,10 @@ from pipeline.urllist import (
     UrlLine,
     check_wnid,
     encode_url,
-    expand_hyponyms,
     parse_url_line,
     read_is_a,
     read_words,
+    resolve_hyponyms,
     safe_file_stem,
     select_urls,
 )
@@ -155,9 +155,11 @@ def test_missing_list_is_an_input_error(tmp_path):
 
 def test_hyponyms_are_filed_under_the_requested_class(tmp_path):
     is_a = read_is_a(write(tmp_path / "is_a.txt", "p1 c1\np1 c2\nc2 g1\nother c3\n"))
-    assert expand_hyponyms(["p1"], is_a) == {"p1": "p1", "c1": "p1", "c2": "p1", "g1": "p1"}
+    hyponyms = resolve_hyponyms(["p1"], is_a)
+    assert hyponyms.classes == {"p1": "p1", "c1": "p1", "c2": "p1", "g1": "p1"}
+    assert hyponyms.conflicts == {}
     urls = write(tmp_path / "urls.txt", "c1_1\thttp://x/1\ng1_7\thttp://x/2\nc3_1\thttp://x/3\n")
-    selection = select_urls(urls, expand_hyponyms(["p1"], is_a))
+    selection = select_urls(urls, hyponyms.classes)
     assert [(e.id, e.wnid, e.klass) for e in selection.entries] == [
         ("c1_1", "c1", "p1"), ("g1_7", "g1", "p1")]
 

@@ -16,6 +16,7 @@ from pipeline.stage_options import VALIDATE
 DEFAULT_USER_AGENT = f"pipeline/{__version__} (image dataset builder; honours X-Robots-Tag noai)"
 MAX_DEFAULT_PROCESSES = 8
 PLACEHOLDERS_NAME = "placeholders.txt"  # digests found to be placeholders, beside the journal
+HYPONYM_CONFLICTS = ("drop", "first")  # `--hyponym-conflicts`
 
 
 def default_processes() -> int:
@@ -42,6 +43,7 @@ class GatherOptions:
     honour_opt_out: bool = True
     placeholder_digests: frozenset[str] = frozenset()
     placeholder_after: int = 3  # URLs with the same bytes that make them a placeholder (0: off)
+    hyponym_conflicts: str = "drop"  # a synset under two requested classes: two labels
     resolve: tuple[tuple[str, int | None, str], ...] = ()  # (host, port or None, address)
     allow_private_redirects: bool = False
     backoff: float = 0.5

@@ -27,12 +27,14 @@ from pipeline.manifest import display_name
 from pipeline.progress import Progress
 from pipeline.tables import format_table
 from pipeline.urllist import (
+    HYPONYM_CONFLICTS_NAME,
     Selection,
     UrlEntry,
     check_wnid,
-    expand_hyponyms,
     read_is_a,
+    resolve_hyponyms,
     select_urls,
+    write_hyponym_conflicts,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ class GatherReport:
     seconds: float = 0.0
     hosts_down: int = 0
     placeholders_found: int = 0  # distinct repeated bodies recognised as placeholders
+    by_hyponym: dict[tuple[str, str], Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter))  # (class, hyponym) -> outcomes
+    hyponym_conflicts: list[tuple[str, list[str], int, str]] = field(default_factory=list)
     interrupted_by: int | None = None  # the signal that stopped the run early
 
     def summary(self, names: dict[str, str] | None = None) -> str:
@@ -64,6 +69,8 @@ class GatherReport:
             rows.append([klass, name, *(str(counts[o]) for o in outcomes),
                          str(sum(counts.values()))])
         lines = [format_table(rows)]
+        if self.by_hyponym:
+            lines.append(self._hyponym_table(names or {}))
         fetched = sum(sum(c.values()) for c in self.this_run.values())
         line = (f"this run: {fetched} URL(s) finished in {self.seconds:.1f} s, "
                 f"{self.skipped} already final in the journal")
@@ -76,7 +83,19 @@ class GatherReport:
             line += (f"; interrupted by {signal.Signals(self.interrupted_by).name}: "
                      "run the same command again to resume")
         lines.append(line)
+        if self.hyponym_conflicts:
+            urls = sum(count for _, _, count, _ in self.hyponym_conflicts)
+            lines.append(f"{len(self.hyponym_conflicts)} hyponym(s) under two requested classes "
+                         f"({urls} URL(s)): see {HYPONYM_CONFLICTS_NAME}")
         return "\n".join(lines)
+
+    def _hyponym_table(self, names: dict[str, str]) -> str:
+        """Which hyponym each class's URLs came from: the synsets filed under another."""
+        rows = [["class", "hyponym", "name", "ok", "total"]]
+        for (klass, wnid), counts in sorted(self.by_hyponym.items()):
+            rows.append([klass, wnid, display_name(names.get(wnid, "")), str(counts["ok"]),
+                         str(sum(counts.values()))])
+        return format_table(rows)
 
 
 def gather_synsets(urls: Path, wnids: list[str], options: GatherOptions, *,
@@ -87,13 +106,43 @@ def gather_synsets(urls: Path, wnids: list[str], options: GatherOptions, *,
     wnids = [check_wnid(w) for w in dict.fromkeys(wnids)]
     if with_hyponyms and is_a is None:
         raise InputError("--with-hyponyms needs --is-a wordnet.is_a.txt")
-    classes = (expand_hyponyms(wnids, read_is_a(is_a)) if with_hyponyms
-               else {wnid: wnid for wnid in wnids})
-    selection = select_urls(urls, classes)
+    if not with_hyponyms:
+        selection = select_urls(urls, {wnid: wnid for wnid in wnids})
+        conflicts: list[tuple[str, list[str], int, str]] = []
+    else:
+        selection, conflicts = _select_with_hyponyms(urls, wnids, read_is_a(is_a), options)
     _report_quirks(urls, selection)
     log.info("%s: %d lines read, %d URL(s) selected for %d synset(s)", urls, selection.lines,
              len(selection.entries), len(wnids))
-    return gather(selection.entries, options)
+    report = gather(selection.entries, options)
+    report.hyponym_conflicts = conflicts
+    return report
+
+
+def _select_with_hyponyms(urls: Path, wnids: list[str], is_a: dict[str, list[str]],
+                          options: GatherOptions
+                          ) -> tuple[Selection, list[tuple[str, list[str], int, str]]]:
+    """Select the classes' and their hyponyms' URLs; a hyponym under two unrelated requested
+    classes is counted, reported and resolved by --hyponym-conflicts (written to
+    OUT/hyponym_conflicts.txt)."""
+    hyponyms = resolve_hyponyms(wnids, is_a)
+    classes = {**hyponyms.classes, **{w: ks[0] for w, ks in hyponyms.conflicts.items()}}
+    selection = select_urls(urls, classes)
+    counts = Counter(e.wnid for e in selection.entries if e.wnid in hyponyms.conflicts)
+    drop = options.hyponym_conflicts == "drop"
+    if drop:
+        selection.entries = [e for e in selection.entries if e.wnid not in hyponyms.conflicts]
+    rows = [(wnid, klasses, counts[wnid], "dropped" if drop else klasses[0])
+            for wnid, klasses in sorted(hyponyms.conflicts.items())]
+    for wnid, klasses, count, resolution in rows:
+        log.warning("hyponym %s is under %s (%d URL(s)): %s", wnid, " and ".join(klasses), count,
+                    "dropped (--hyponym-conflicts first files it under the first)" if drop
+                    else f"filed under {resolution}")
+    path = options.out / HYPONYM_CONFLICTS_NAME
+    if rows or path.exists():  # an earlier run's list is replaced, even by an empty one
+        options.out.mkdir(parents=True, exist_ok=True)
+        write_hyponym_conflicts(path, rows)
+    return selection, rows
 
 
 def _report_quirks(urls: Path, selection: Selection) -> None:
@@ -284,4 +333,7 @@ def _fill_overall(report: GatherReport, entries: list[UrlEntry],
                   history: dict[str, dict[str, Any]]) -> None:
     for entry in entries:
         record = history.get(entry.id)
-        report.overall[entry.klass][record["outcome"] if record else "not_tried"] += 1
+        outcome = record["outcome"] if record else "not_tried"
+        report.overall[entry.klass][outcome] += 1
+        if entry.wnid != entry.klass:
+            report.by_hyponym[entry.klass, entry.wnid][outcome] += 1
