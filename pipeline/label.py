@@ -156,7 +156,7 @@ def _hash_all(root: Path, images: _Images, workers: int, report: LabelReport) ->
             if cache.get(path, [None, None])[:2] != signatures[i]]
     progress = Progress("label: hashing", total=len(todo))
     jobs = (root / images.paths[i] for i in todo)
-    for i, (digest, views) in zip(todo, imap(_hash_file, jobs, workers), strict=True):
+    for i, (digest, views) in zip(todo, imap(hash_file, jobs, workers), strict=True):
         cache[images.paths[i]] = [*signatures[i], digest, views]
         progress.update()
     progress.close()
@@ -171,8 +171,9 @@ def _hash_all(root: Path, images: _Images, workers: int, report: LabelReport) ->
     report.unhashable = sum(views is None for views in images.views)
 
 
-def _hash_file(path: Path) -> tuple[str, list[View] | None]:
-    """Runs in a worker: the file is read once for both hashes."""
+def hash_file(path: Path) -> tuple[str, list[View] | None]:
+    """SHA-256 and perceptual views of a file (None: undecodable), read once; runs in a
+    worker, and scripts/bench_dedup.py times it."""
     data = path.read_bytes()
     try:
         views = hash_image(data)
