@@ -15,6 +15,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "gather.jsonl"  # in the output root of `pipeline gather`
+PLACEHOLDERS_NAME = "placeholders.txt"  # digests found to be placeholders, beside the journal
 
 # In the order the summary table shows them. Final: ok, dead, http_error (4xx), not_image,
 # too_large, too_small, placeholder, duplicate, opted_out, blocked_redirect. Transient (tried

@@ -27,21 +27,26 @@ from pipeline import runfolder
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_open, atomic_write_text
 from pipeline.images import ImageDecodeError
-from pipeline.journal import JOURNAL_NAME, read_journal
+from pipeline.journal import JOURNAL_NAME, PLACEHOLDERS_NAME, read_journal
 from pipeline.manifest import (
     ClassRecord,
+    DuplicateGroup,
     Manifest,
     display_name,
     has_labels,
+    read_conflicts,
+    read_duplicates,
     read_labels,
     read_manifest,
 )
 from pipeline.packfile import is_packfile, manifest_of
 from pipeline.preprocess import load_square
+from pipeline.urllist import HYPONYM_CONFLICTS_NAME, read_hyponym_conflicts
 
 log = logging.getLogger(__name__)
 
 SAMPLES_PER_CLASS = 6
+DUPLICATE_ROWS = 4  # duplicate groups shown as thumbnails
 
 
 # -- reading
@@ -96,6 +101,30 @@ def read_gather(journal: Path) -> dict[str, Counter[str]]:
     for record in read_journal(journal).values():
         per_class[record.get("class", record.get("wnid", "?"))][record["outcome"]] += 1
     return per_class
+
+
+@dataclass
+class QualityInfo:
+    """What label and gather found wrong with the data, as they wrote it."""
+
+    root: Path
+    duplicates: list[DuplicateGroup]
+    conflicts: list[dict[str, str]]  # conflicts.txt rows
+    hyponym_conflicts: list[dict[str, str]]  # hyponym_conflicts.txt rows
+    placeholders: int  # digests in placeholders.txt
+    placeholder_urls: int  # journal records with the outcome placeholder
+
+
+def read_quality(manifest_dir: Path, root: Path) -> QualityInfo:
+    hyponyms = root / HYPONYM_CONFLICTS_NAME
+    digests = root / PLACEHOLDERS_NAME
+    journal = root / JOURNAL_NAME
+    return QualityInfo(
+        root, read_duplicates(manifest_dir), read_conflicts(manifest_dir),
+        read_hyponym_conflicts(hyponyms) if hyponyms.exists() else [],
+        len(digests.read_text(encoding="utf-8").split()) if digests.exists() else 0,
+        sum(r["outcome"] == "placeholder" for r in read_journal(journal).values())
+        if journal.exists() else 0)
 
 
 @dataclass
@@ -158,6 +187,10 @@ def build_report(run_dir: Path, *, compare: list[Path] | None = None,
             per_class = read_gather(journal)
             plot_gather(per_class, out / "gather.png")
             sections.append(_gather_section(per_class, out))
+        quality = read_quality(manifest_dir, classes.train.root)
+        if quality.duplicates:
+            plot_duplicates(quality, out / "duplicates.png")
+        sections.append(_quality_section(quality, out))
     mean_png = mean_image or _mean_png(run.config)
     if mean_png is not None:
         sections.append(_figure("Mean image (the training set's, after resize/crop)",
@@ -209,6 +242,36 @@ def _gather_section(per_class: dict[str, Counter[str]], out: Path) -> str:
                                      for klass in sorted(per_class)]
     return ("<h2>Download: kept and dropped</h2>" + _table(rows)
             + _figure("What happened to every URL", out / "gather.png", "", out))
+
+
+def _quality_section(quality: QualityInfo, out: Path) -> str:
+    perceptual = sum(group.how == "perceptual" for group in quality.duplicates)
+    dropped = sum(row["action"] == "dropped" for row in quality.conflicts)
+    cross = len({row["group"] for row in quality.conflicts})
+    items = [f"{len(quality.duplicates)} group(s) of copies, each kept on one side of the "
+             f"split ({perceptual} found by the perceptual hash, the rest identical bytes; "
+             "duplicates.txt)",
+             f"{cross} group(s) of copies across classes, {dropped} file(s) left out of the "
+             "manifests (conflicts.txt)",
+             f"{len(quality.hyponym_conflicts)} hyponym(s) under two requested classes "
+             f"({HYPONYM_CONFLICTS_NAME})",
+             f"{quality.placeholders} repeated image(s) recognised as placeholders, "
+             f"{quality.placeholder_urls} URL(s) journaled as placeholder"]
+    body = "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
+    if quality.conflicts:
+        rows = [["group", "how", "class", "path", "action"]]
+        rows += [[r["group"], r["how"], r["class"], r["path"], r["action"]]
+                 for r in quality.conflicts]
+        body += _table(rows)
+    if quality.hyponym_conflicts:
+        rows = [["synset", "classes", "URLs", "resolution"]]
+        rows += [[r["synset"], r["classes"], r["urls"], r["resolution"]]
+                 for r in quality.hyponym_conflicts]
+        body += _table(rows)
+    if quality.duplicates:
+        body += _figure(f"The first {min(DUPLICATE_ROWS, len(quality.duplicates))} group(s) "
+                        "of copies", out / "duplicates.png", "", out)
+    return "<h2>Data quality</h2>" + body
 
 
 def _evaluation_sections(evaluation: EvaluationInfo, out: Path) -> list[str]:
@@ -280,6 +343,24 @@ def plot_samples(info: ClassesInfo, path: Path) -> None:
             if index is not None:
                 _show(axes, info.train.absolute(int(index)))
         axes_row[0].set_title(klass.display_name, fontsize=8, loc="left")
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def plot_duplicates(quality: QualityInfo, path: Path) -> None:
+    groups = quality.duplicates[:DUPLICATE_ROWS]
+    columns = min(SAMPLES_PER_CLASS, max(len(group.paths) for group in groups))
+    figure, grid = _pyplot().subplots(len(groups), columns, figsize=(columns * 1.3,
+                                                                     len(groups) * 1.4),
+                                      squeeze=False)
+    for group, axes_row in zip(groups, grid, strict=True):
+        for axes, member in zip(axes_row, list(group.paths) + [None] * columns, strict=False):
+            axes.axis("off")
+            if member is not None:
+                _show(axes, quality.root / member)
+                axes.set_title(member.split("/", 1)[0], fontsize=7)
+        axes_row[0].text(-0.1, 0.5, group.how, transform=axes_row[0].transAxes, rotation=90,
+                         ha="right", va="center", fontsize=7)
     figure.tight_layout()
     _save_figure(figure, path)
 

@@ -139,3 +139,23 @@ def test_cli_label_options_and_a_bad_choice_is_one_line(dataset, tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipeline", "label", str(root),
                            "--cross-class", "both"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
+
+
+def test_report_shows_the_data_quality_the_stages_wrote(dataset, tmp_path):
+    from pipeline.report import build_report
+
+    root, classes, _, stray = dataset
+    label(root, tmp_path / "m", val_ratio=0.3)
+    (root / "placeholders.txt").write_text("ab" * 32 + "\n")
+    (root / "hyponym_conflicts.txt").write_text(
+        "synset\tclasses\turls\tresolution\nn01323068\tn01322685,n02129604\t3\tdropped\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(f'{{"train": "{tmp_path / "m" / "train.txt"}"}}')
+    (run / "log.csv").write_text("epoch,train_loss,train_top1\n1,1.0,0.5\n")
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    page = build_report(run).read_text()
+    assert "Data quality" in page and "n01323068" in page and stray[1] in page
+    assert "13 group(s) of copies" in page and "1 repeated image(s)" in page
+    assert (run / "duplicates.png").exists()
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before  # only read

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.journal import JOURNAL_NAME
+from pipeline.journal import JOURNAL_NAME, PLACEHOLDERS_NAME
 from pipeline.stage_options import VALIDATE
 
 DEFAULT_USER_AGENT = f"pipeline/{__version__} (image dataset builder; honours X-Robots-Tag noai)"
 MAX_DEFAULT_PROCESSES = 8
-PLACEHOLDERS_NAME = "placeholders.txt"  # digests found to be placeholders, beside the journal
 HYPONYM_CONFLICTS = ("drop", "first")  # `--hyponym-conflicts`
 
 
