@@ -30,8 +30,11 @@ SPEC = InputSpec(crop=64, resize=72)
 # rounded) may differ by one grey level on a pixel; through the normalization (std ~60) and a
 # small network that moved a probability by at most 3e-4 when measured.
 PROBABILITY_TOLERANCE = 2e-3
-# torch.jit.load is deprecated in favour of torch.export; serving TorchScript is the point here.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,  # trains the models it exports
+    # torch.jit.load is deprecated in favour of torch.export; serving TorchScript is the point.
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +132,6 @@ def test_torchscript_crop_is_predicts_within_one_grey_level(torchscript_channel,
             assert difference.max() == 0.0
 
 
-@pytest.mark.slow
 def test_onnx_at_the_pack_size_and_another_size_matches_predict(runs, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     checkpoint = runs["channel"]

@@ -44,6 +44,7 @@ def config(dataset: Path, out: Path, **overrides) -> FinetuneConfig:
     return FinetuneConfig(**values)
 
 
+@pytest.mark.slow
 def test_frozen_layers_stay_bit_identical_and_the_rest_learn(dataset, tmp_path):
     torch.manual_seed(1)
     start = torchvision.models.alexnet(num_classes=3)
@@ -59,6 +60,7 @@ def test_frozen_layers_stay_bit_identical_and_the_rest_learn(dataset, tmp_path):
         assert not torch.equal(trained[name], before[name]), name
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_statistics_do_not_move(dataset, tmp_path):
     finetune(config(dataset, tmp_path / "run", arch="vgg11_bn", freeze_until="conv2",
                     crop=32, resize=36, max_steps=1))
@@ -70,6 +72,7 @@ def test_frozen_batchnorm_statistics_do_not_move(dataset, tmp_path):
     assert not torch.equal(trained["features.9.running_mean"], fresh["features.9.running_mean"])
 
 
+@pytest.mark.slow
 def test_loss_falls_and_accuracy_beats_chance(dataset, tmp_path):
     metrics = finetune(config(dataset, tmp_path / "run", epochs=4, lr=0.02,
                               freeze_until=None, schedule="cosine"))
@@ -86,6 +89,7 @@ def test_loss_falls_and_accuracy_beats_chance(dataset, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 4
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(dataset, tmp_path):
     common = {"epochs": 2, "max_steps": 2, "seed": 5, "freeze_until": "conv3"}
     finetune(config(dataset, tmp_path / "straight", **common))
@@ -101,6 +105,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(dataset, tmp_pa
     assert [row["epoch"] for row in log] == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_mid_epoch_is_skipped_and_counted(dataset, tmp_path):
     copy = tmp_path / "m"
     raw = read_manifest(dataset / "train.txt")
@@ -120,6 +125,7 @@ def test_an_unreadable_image_mid_epoch_is_skipped_and_counted(dataset, tmp_path)
     assert int(row["train_images"]) == len(raw)  # every good image of the epoch was used
 
 
+@pytest.mark.slow
 def test_weights_path_round_trip_and_a_run_folder_is_never_overwritten(dataset, tmp_path):
     finetune(config(dataset, tmp_path / "run", max_steps=1))
     saved = load_checkpoint(tmp_path / "run" / "best.pt")
@@ -146,6 +152,7 @@ def test_imagenet_weights_offline_error_names_the_file_and_cache_is_used(tmp_pat
     assert torch.equal(model.features[0].weight, reference.features[0].weight)
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_agree_and_h5_trains(dataset, tmp_path):
     finetune(config(dataset, tmp_path / "run", epochs=2, lr=0.02, freeze_until=None))
     result = evaluate_checkpoint(tmp_path / "run" / "best.pt", dataset / "val.txt",
@@ -171,6 +178,7 @@ def test_evaluate_and_predict_agree_and_h5_trains(dataset, tmp_path):
     assert metrics["train_images"] == 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--freeze-until", "conv9"], "valid names: conv1, conv2"),
     (["--weights", "missing.pth"], "no such file"),
@@ -189,6 +197,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(dataset, tmp_path, args, message):
     assert done.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_run_an_epoch(dataset, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "pipeline", "-q", "finetune",

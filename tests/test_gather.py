@@ -58,6 +58,7 @@ def kept_files(out: Path) -> dict[str, str]:
             for p in out.rglob("*") if p.is_file() and p.name != "gather.jsonl"}
 
 
+@pytest.mark.slow
 def test_every_fault_ends_with_its_outcome_and_only_good_images_are_kept(sample, mirror,
                                                                          tmp_path):
     wnids = wnids_of(sample)[:2]
@@ -85,6 +86,7 @@ def test_every_fault_ends_with_its_outcome_and_only_good_images_are_kept(sample,
     assert sum(report.overall[w]["ok"] for w in wnids) == len(files)
 
 
+@pytest.mark.slow
 def test_second_run_fetches_nothing_new_and_retries_only_transient_failures(sample, mirror,
                                                                            tmp_path):
     wnids = wnids_of(sample)[:1]
@@ -102,6 +104,7 @@ def test_second_run_fetches_nothing_new_and_retries_only_transient_failures(samp
     assert {p.rsplit("/", 1)[-1].split(".")[0] for p in new_requests} == transient
 
 
+@pytest.mark.slow
 def test_limit_gives_exactly_n_images_per_synset(sample, mirror, tmp_path):
     wnids = wnids_of(sample)[:2]
     url_list(sample, mirror, tmp_path / "urls.txt", wnids=wnids, mix=EVERY_KIND)
@@ -126,6 +129,7 @@ def gather_command(urls: Path, out: Path, wnids: list[str], sample: Path) -> lis
     return command
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_images_as_an_uninterrupted_run(sample, tmp_path):
     wnids = wnids_of(sample)[:2]
     with serve_in_thread(sample, latency=0.05, max_seconds=300) as slow_mirror:
@@ -153,6 +157,7 @@ def test_resume_after_sigkill_gives_the_same_images_as_an_uninterrupted_run(samp
     assert len(ok_ids) == len(set(ok_ids))  # nothing good was fetched twice
 
 
+@pytest.mark.slow
 def test_hostile_ids_cannot_leave_the_output_folder(sample, mirror, tmp_path):
     wnid = wnids_of(sample)[0]
     good = sorted((sample / "files" / wnid).glob("*.jpg"))[0].name
@@ -167,6 +172,7 @@ def test_hostile_ids_cannot_leave_the_output_folder(sample, mirror, tmp_path):
     assert all(p.parent == out / wnid for p in files)
 
 
+@pytest.mark.slow
 def test_hyponyms_are_gathered_under_the_requested_synset(sample, mirror, tmp_path):
     # n90000101 "figure" -> n90000001 circle, n90000100 "polygon" -> square, triangle
     url_list(sample, mirror, tmp_path / "urls.txt", wnids=wnids_of(sample), mix={})
@@ -180,6 +186,7 @@ def test_hyponyms_are_gathered_under_the_requested_synset(sample, mirror, tmp_pa
                        with_hyponyms=True)
 
 
+@pytest.mark.slow
 def test_unknown_wnid_and_missing_list_are_one_line_errors(sample, mirror, tmp_path):
     url_list(sample, mirror, tmp_path / "urls.txt", wnids=wnids_of(sample)[:1])
     with pytest.raises(InputError, match="n99999999"):
@@ -205,6 +212,7 @@ def test_help_documents_every_option():
         assert option in done.stdout
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_list_length(tmp_path):
     def write_list(path: Path, lines: int) -> Path:
         with open(path, "w") as handle:

@@ -25,6 +25,8 @@ from pipeline.journal import read_journal
 import serve_web
 from serve_web import make_host
 
+pytestmark = pytest.mark.slow  # real servers on loopback, deadlines of seconds
+
 TRICKLE_EVERY = 0.5
 ENDLESS_RATE = 20_000
 

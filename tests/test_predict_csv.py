@@ -13,6 +13,8 @@ from pipeline.label import label
 
 from imagefiles import colour_dataset, write_image
 
+pytestmark = pytest.mark.slow  # trains a checkpoint, runs the CLI
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:

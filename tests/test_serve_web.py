@@ -27,6 +27,8 @@ import make_sample
 import serve_web
 from serve_web import HostSpec, make_host, make_host_mix, serve_web_process
 
+pytestmark = pytest.mark.slow  # real servers on loopback, timing-based behaviours
+
 TRICKLE_EVERY = 0.2
 ENDLESS_RATE = 40_000
 # One host of each behaviour, plus a second placeholder and an alive host kept for the

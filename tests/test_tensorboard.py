@@ -11,6 +11,8 @@ from pipeline.label import label
 
 from imagefiles import colour_dataset
 
+pytestmark = pytest.mark.slow  # trains, runs the CLI
+
 
 def test_event_file_holds_every_log_csv_figure_per_epoch(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing"
