@@ -19,10 +19,25 @@ import click
 from pipeline import __version__, progress, runfolder
 from pipeline.archs import ARCHS
 from pipeline.errors import InputError
-from pipeline.finetune.options import CACHE_DTYPES, PRECISIONS, SCHEDULES, FinetuneConfig
+from pipeline.finetune.options import (
+    CACHE_DTYPES,
+    DECODE_DEVICES,
+    PRECISIONS,
+    SCHEDULES,
+    FinetuneConfig,
+)
 from pipeline.gather.options import HYPONYM_CONFLICTS, GatherOptions
 from pipeline.parallel import default_workers
-from pipeline.stage_options import CROSS_CLASS, EVALUATE, EXPORT_FORMATS, LABEL, SIZE, VALIDATE
+from pipeline.stage_options import (
+    CROSS_CLASS,
+    ENCODINGS,
+    EVALUATE,
+    EXPORT_FORMATS,
+    JPEG_QUALITY,
+    LABEL,
+    SIZE,
+    VALIDATE,
+)
 
 log = logging.getLogger("pipeline")
 GATHER = GatherOptions()  # the defaults, written once
@@ -255,13 +270,24 @@ def mean(manifest: Path, size: int, out: Path, workers: int) -> None:
                 type=click.Path(path_type=Path))
 @SIZE_OPTION
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("data/train.h5"), show_default=True, help="The HDF5 file to write.")
+              default=Path("data/train.h5"), show_default=True,
+              help="The HDF5 file to write (with --shard-size, the shard set's index).")
+@click.option("--encoding", type=click.Choice(ENCODINGS), default=ENCODINGS[0],
+              show_default=True, help="raw: uint8 pixels (fastest to read); jpeg: JPEG bytes "
+                                      "at --quality (5-10x smaller, decoded by the loader).")
+@click.option("--quality", type=click.IntRange(1, 100), default=JPEG_QUALITY, show_default=True,
+              help="JPEG quality of --encoding jpeg.")
+@click.option("--shard-size", type=click.IntRange(min=1), metavar="N",
+              help="Write shards of N manifest rows (OUT-00000.h5, ...) in parallel, plus OUT "
+                   "as their index; an interrupted pack resumes at its unfinished shards.")
 @WORKERS_OPTION
-def pack(manifest: Path, size: int, out: Path, workers: int) -> None:
-    """Pre-decode MANIFEST's images into one HDF5 file (uint8, one image per chunk)."""
+def pack(manifest: Path, size: int, out: Path, encoding: str, quality: int,
+         shard_size: int | None, workers: int) -> None:
+    """Pre-decode MANIFEST's images into HDF5 (raw pixels or JPEG; one file or shards)."""
     from pipeline.pack import pack as run_pack
 
-    click.echo(run_pack(manifest, out, size=size, workers=workers).summary())
+    click.echo(run_pack(manifest, out, size=size, workers=workers, encoding=encoding,
+                        quality=quality, shard_size=shard_size).summary())
 
 
 @cli.command()
@@ -344,6 +370,11 @@ def layers(arch: str, freeze_until: str | None) -> None:
 @click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path),
               help="Also log every epoch's figures (those of log.csv) to TensorBoard in this "
                    "folder (needs the tensorboard package).")
+@click.option("--decode-device", type=click.Choice(DECODE_DEVICES),
+              default=FINETUNE.decode_device, show_default=True,
+              help="Where JPEG packs (pack --encoding jpeg) are decoded: cpu (loader workers), "
+                   "cuda (whole batches with nvJPEG, crops on the GPU), auto (cuda when "
+                   "training on CUDA).")
 @click.option("--max-steps", type=click.IntRange(min=1), hidden=True)
 def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
              freeze_until: str, epochs: int, batch_size: int, lr: float, lr_mult: float,
@@ -352,7 +383,7 @@ def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
              scale_jitter: tuple[int, int] | None, mean: str, workers: int, out: Path,
              resume: bool, seed: int, precision: str, channels_last: bool,
              cache_features: bool, cache_views: int, cache_dir: Path | None, cache_dtype: str,
-             tensorboard: Path | None, max_steps: int | None) -> None:
+             tensorboard: Path | None, decode_device: str, max_steps: int | None) -> None:
     """Fine-tune a pretrained AlexNet/VGG with its lower layers frozen.
 
     Writes OUT/log.csv (a line per epoch), OUT/checkpoint.pt (every epoch), OUT/best.pt,
@@ -370,7 +401,8 @@ def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
         jitter=tuple(scale_jitter) if scale_jitter else None, mean=mean, workers=workers,
         out=out, resume=resume, seed=seed, precision=precision, channels_last=channels_last,
         cache_features=cache_features, cache_views=cache_views, cache_dir=cache_dir,
-        cache_dtype=cache_dtype, tensorboard=tensorboard, max_steps=max_steps)
+        cache_dtype=cache_dtype, tensorboard=tensorboard, decode_device=decode_device,
+        max_steps=max_steps)
     metrics = run_finetune(config)
     if metrics:
         click.echo(json.dumps(metrics, indent=2))

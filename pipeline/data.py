@@ -17,31 +17,51 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2.functional import resize
 
 from pipeline.errors import InputError
 from pipeline.images import ImageDecodeError, decode_image
 from pipeline.manifest import read_labels, read_manifest
-from pipeline.packfile import IMAGES, is_packfile, read_index
-from pipeline.preprocess import InputSpec
+from pipeline.packfile import IMAGES, is_packfile, read_pack
+from pipeline.preprocess import InputSpec, Window
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # N x 3 x H x W, uint8
+    images: torch.Tensor  # N x 3 x H x W, uint8 (empty while `encoded` awaits decoding)
     labels: torch.Tensor  # N, int64
     skipped: list[str]
+    encoded: list[torch.Tensor] | None = None  # deferred decoding: N JPEGs' bytes
+    windows: torch.Tensor | None = None  # deferred decoding: N x 5 `Window`s
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) on CUDA machines."""
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped)
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped,
+                     self.encoded, self.windows)
+
+
+class Encoded(NamedTuple):
+    """A sample whose decoding is deferred to the batch: JPEG bytes and where to crop."""
+
+    data: torch.Tensor  # uint8, the JPEG file's bytes
+    window: Window
+    label: int
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The augmentation's random numbers for one sample: a function of (seed, epoch, index)
+    only, so they do not depend on workers, on the decode device, or on a resume."""
+    return random.Random((seed * 1_000_003 + epoch) * 10_000_019 + index)
 
 
 class _ImageSource(Dataset):
@@ -62,8 +82,7 @@ class _ImageSource(Dataset):
             log.warning("skipping %s: %s", self.path(index), exc)
             return self.path(index)
         if self.train:
-            rng = random.Random((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-            pixels = self.spec.train_pixels(image, rng)
+            pixels = self.spec.train_pixels(image, sample_rng(self.seed, epoch, index))
         else:
             pixels = self.spec.eval_pixels(image)
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), int(self.labels[index])
@@ -94,31 +113,64 @@ class ManifestImages(_ImageSource):
 
 
 class PackedImages(_ImageSource):
-    """An HDF5 file from `pipeline pack`; each worker opens its own handle."""
+    """A pack or shard set from `pipeline pack`, as one dataset; each worker opens its own
+    handles, lazily, so a DDP rank opens only the shards its rows are in and reads only its
+    rows. JPEG packs decode with the project's one decoder (at reduced DCT scale where the
+    crop allows), or hand their bytes on for batched decoding (`defer_decoding`)."""
 
     def __init__(self, h5_path: Path, spec: InputSpec, train: bool, seed: int) -> None:
         super().__init__(spec, train, seed)
         self.h5_path = h5_path
-        self.labels, self.classes = read_index(h5_path)
-        self._file: h5py.File | None = None
+        info = read_pack(h5_path)
+        self.labels, self.classes = info.labels, info.classes
+        self.encoding, self.size = info.encoding, info.size
+        self.shard_files = [path for path, _ in info.shards]
+        self.shard_starts = np.cumsum([0] + [count for _, count in info.shards])
+        self.deferred = False
+        self._files: dict[int, h5py.File] = {}
         self._pid = -1
 
-    def _images(self) -> h5py.Dataset:
-        if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.h5_path, "r")
-            self._pid = os.getpid()
-        return self._file[IMAGES]
+    def defer_decoding(self) -> None:
+        """Yield `Encoded` samples (JPEG bytes and the crop to make) instead of pixels, for
+        `DecodedBatches` to decode a whole batch at once (on the GPU)."""
+        if self.encoding != "jpeg":
+            raise InputError(f"{self.h5_path} stores {self.encoding} pixels: only a pack made "
+                             "with --encoding jpeg can be decoded on the GPU")
+        self.deferred = True
+
+    def _row(self, index: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = h5py.File(self.shard_files[shard], "r")
+        return self._files[shard][IMAGES][index - int(self.shard_starts[shard])]
 
     def image(self, index: int) -> Image.Image:
-        return Image.fromarray(self._images()[index], "RGB")
+        if self.encoding == "raw":
+            return Image.fromarray(self._row(index), "RGB")
+        return decode_image(self._row(index).tobytes(), min_side=self.spec.decode_side)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | Encoded | str:
+        if not self.deferred:
+            return super().__getitem__(key)
+        index, epoch = key
+        window = (self.spec.train_window(self.size, self.size, sample_rng(self.seed, epoch, index))
+                  if self.train else self.spec.eval_window(self.size, self.size))
+        return Encoded(torch.from_numpy(self._row(index)), window, int(self.labels[index]))
 
     def path(self, index: int) -> str:
         return f"{self.h5_path}[{index}]"
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_file"] = None  # an open HDF5 handle must never cross a fork or a pickle
+        state["_files"] = {}  # an open HDF5 handle must never cross a fork or a pickle
         return state
+
+
+def is_jpeg_pack(images: Dataset | None) -> bool:
+    """Whether `images` can have its decoding deferred to the batch (`DecodedBatches`)."""
+    return isinstance(images, PackedImages) and images.encoding == "jpeg"
 
 
 def open_images(source: Path, spec: InputSpec, *, train: bool, seed: int = 0) -> _ImageSource:
@@ -158,15 +210,77 @@ class EpochSampler(Sampler):
         return ((index, self.epoch) for index in padded[self.rank::self.world])
 
 
-def collate(samples: list[tuple[torch.Tensor, int] | str]) -> Batch:
+def collate(samples: list[tuple[torch.Tensor, int] | Encoded | str]) -> Batch:
     """Stack the good samples; the paths of the ones that failed ride along as `skipped`."""
     good = [s for s in samples if not isinstance(s, str)]
     skipped = [s for s in samples if isinstance(s, str)]
+    empty = torch.zeros(0, dtype=torch.uint8)
     if not good:
-        return Batch(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64),
-                     skipped)
-    return Batch(torch.stack([image for image, _ in good]),
-                 torch.tensor([label for _, label in good], dtype=torch.int64), skipped)
+        return Batch(empty, torch.zeros(0, dtype=torch.int64), skipped)
+    labels = torch.tensor([sample[-1] for sample in good], dtype=torch.int64)
+    if isinstance(good[0], Encoded):
+        return Batch(empty, labels, skipped, [sample.data for sample in good],
+                     torch.tensor([sample.window for sample in good], dtype=torch.int64))
+    return Batch(torch.stack([image for image, _ in good]), labels, skipped)
+
+
+def decode_batch(encoded: list[torch.Tensor], windows: torch.Tensor, crop: int,
+                 device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Decode JPEGs on `device` (nvJPEG on CUDA, libjpeg on CPU) and make each one's crop
+    there: (uint8 N x 3 x crop x crop, the positions that could not be decoded).
+
+    Device-agnostic on purpose: the same code runs on CPU tensors in the tests. One call
+    decodes the whole batch; a batch with a bad JPEG is decoded again one by one, so only
+    that image is lost. Scaling uses torch's antialiased bilinear resize, which differs from
+    PIL's by a few levels (the CPU path's crops are the same windows, not the same bytes).
+    """
+    try:
+        images: list[torch.Tensor | None] = list(decode_jpeg(encoded, mode=ImageReadMode.RGB,
+                                                             device=device))
+    except RuntimeError:
+        images = [_decode_one(data, device) for data in encoded]
+    crops, bad = [], []
+    for position, (image, window) in enumerate(zip(images, windows.tolist(), strict=True)):
+        if image is None:
+            bad.append(position)
+            continue
+        width, height, left, top, flip = window
+        if tuple(image.shape[1:]) != (height, width):
+            image = resize(image, [height, width], antialias=True)
+        image = image[:, top:top + crop, left:left + crop]
+        crops.append(image.flip(-1) if flip else image)
+    pixels = (torch.stack(crops) if crops
+              else torch.zeros(0, 3, crop, crop, dtype=torch.uint8, device=device))
+    return pixels, bad
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        log.warning("skipping an undecodable JPEG in a batch: %s", exc)
+        return None
+
+
+class DecodedBatches:
+    """A loader of deferred (`Encoded`) batches, yielding them decoded on `device`: the
+    GPU path (`--decode-device cuda`). Workers only read bytes and draw the crops."""
+
+    def __init__(self, loader: DataLoader, crop: int, device: torch.device) -> None:
+        self.loader, self.crop, self.device = loader, crop, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            if batch.encoded is None:
+                yield batch
+                continue
+            pixels, bad = decode_batch(batch.encoded, batch.windows, self.crop, self.device)
+            keep = [i for i in range(len(batch.labels)) if i not in bad]
+            yield Batch(pixels, batch.labels[keep], batch.skipped + [
+                f"an undecodable JPEG (batch position {i})" for i in bad])
 
 
 def make_loader(images: _ImageSource, sampler: EpochSampler, *, batch_size: int,

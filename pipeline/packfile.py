@@ -1,11 +1,20 @@
 """The HDF5 layout of `pipeline pack`: the one place that knows its dataset and attribute names.
 
-Written by the pack stage, read by the loader (pipeline/data.py) and the report; documented in
-docs/FORMATS.md. Each reader opens the file itself (a DataLoader worker needs its own handle).
+Written by the pack stage, read by the loader (pipeline/data.py), the feature cache and the
+report; documented in docs/FORMATS.md. Each reader opens the file itself (a DataLoader worker
+needs its own handle).
+
+A pack is one file (`train.h5`: images, labels, paths, attributes) or a shard set: an index
+file (`train.h5`: labels and attributes, the `shards` attribute naming its shard files) and
+shard files beside it (`train-00000.h5`, ...), each of which is itself an ordinary pack of a
+contiguous run of the manifest's rows. Images are raw uint8 pixels or, with `--encoding jpeg`,
+JPEG bytes (variable-length uint8: any h5py user reads them as arrays of bytes).
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -13,47 +22,128 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.manifest import ClassRecord
+from pipeline.stage_options import ENCODINGS
 
 SUFFIXES = (".h5", ".hdf5")
-IMAGES = "images"  # uint8 N x S x S x 3, one image per chunk
+IMAGES = "images"  # raw: uint8 N x S x S x 3, one image per chunk; jpeg: vlen uint8 N
 LABELS = "labels"  # int64 N
 PATHS = "paths"  # UTF-8 N, relative to the `root` attribute
 PREPROCESSING = "decode_image -> shorter side to size (bilinear) -> center crop size x size"
+LAYOUTS = {"raw": "NHWC uint8", "jpeg": "N JPEG (vlen uint8)"}
+ENCODED_CHUNK = 1024  # references per chunk of a jpeg `images` dataset
+SHARDS = "shards"  # index attribute: shard file names, relative to the index
+SHARD_COUNTS = "shard_counts"  # index attribute: images per shard
+SOURCE = "source"  # shard attribute: digest of what it was packed from (resume check)
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    """What a reader needs before touching pixels: labels, classes, and where images live."""
+
+    path: Path
+    labels: np.ndarray
+    classes: list[ClassRecord]
+    size: int
+    encoding: str
+    shards: list[tuple[Path, int]]  # (file holding images, how many); one entry for one file
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the dataset consists of (a shard set: the index and its shards)."""
+        return list(dict.fromkeys([self.path, *(path for path, _ in self.shards)]))
 
 
 def is_packfile(path: Path) -> bool:
     return Path(path).suffix.lower() in SUFFIXES
 
 
-def create_images(h5: h5py.File, count: int, size: int) -> h5py.Dataset:
+def shard_path(index: Path, number: int) -> Path:
+    """`train.h5` -> `train-00003.h5`: shard files sit beside their index."""
+    index = Path(index)
+    return index.with_name(f"{index.stem}-{number:05d}{index.suffix}")
+
+
+def create_images(h5: h5py.File, count: int, size: int, encoding: str = "raw") -> h5py.Dataset:
     """The images dataset, resizable so images that fail to decode can be left out."""
+    if encoding == "jpeg":
+        return h5.create_dataset(IMAGES, (count,), dtype=h5py.vlen_dtype(np.uint8),
+                                 chunks=(max(1, min(count, ENCODED_CHUNK)),), maxshape=(None,))
     return h5.create_dataset(IMAGES, (count, size, size, 3), dtype=np.uint8,
                              chunks=(1, size, size, 3), maxshape=(None, size, size, 3))
 
 
-def write_index(h5: h5py.File, *, labels: np.ndarray, paths: list[str], size: int, root: Path,
-                classes: list[ClassRecord], manifest: Path) -> None:
-    """Everything but the pixels: labels, paths and the attributes."""
+def write_index(h5: h5py.File, *, labels: np.ndarray, paths: list[str] | None, size: int,
+                root: Path, classes: list[ClassRecord], manifest: Path, encoding: str = "raw",
+                quality: int | None = None) -> None:
+    """Everything but the pixels: labels, paths (a shard set's index has none: its shards
+    hold them) and the attributes."""
     h5.create_dataset(LABELS, data=labels.astype(np.int64))
-    h5.create_dataset(PATHS, data=paths, dtype=h5py.string_dtype("utf-8"))
+    if paths is not None:
+        h5.create_dataset(PATHS, data=paths, dtype=h5py.string_dtype("utf-8"))
     h5.attrs.update({
-        "size": size, "channels": "RGB", "layout": "NHWC uint8",
+        "size": size, "channels": "RGB", "layout": LAYOUTS[encoding], "encoding": encoding,
         "preprocessing": PREPROCESSING, "root": str(root),
         "label_wnids": [c.wnid for c in classes], "label_names": [c.name for c in classes],
         "manifest": str(Path(manifest).resolve()),
     })
+    if quality is not None:
+        h5.attrs["quality"] = quality
 
 
-def read_index(path: Path) -> tuple[np.ndarray, list[ClassRecord]]:
-    """The labels and the classes of a pack (the pixels are read by index, lazily)."""
+def write_shard_table(h5: h5py.File, shards: list[tuple[Path, int]]) -> None:
+    """Make an index of `h5`: its shard files (names relative to it) and their counts."""
+    h5.attrs[SHARDS] = [path.name for path, _ in shards]
+    h5.attrs[SHARD_COUNTS] = np.array([count for _, count in shards], dtype=np.int64)
+
+
+def source_digest(*parts: object) -> str:
+    """A digest of what a shard is made from: equal digests, equal shard."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode()
+        digest.update(data + b"\0")
+    return digest.hexdigest()
+
+
+def finished_shard(path: Path, source: str) -> int | None:
+    """The image count of a complete shard made from `source`, or None (absent, from other
+    data or settings, or unreadable): such a shard is written again."""
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get(SOURCE) != source or len(h5[IMAGES]) != len(h5[LABELS]):
+                return None
+            return len(h5[LABELS])
+    except (OSError, KeyError):
+        return None
+
+
+def read_pack(path: Path) -> PackInfo:
+    """The labels, classes, size, encoding and image files of a pack or shard set."""
+    path = Path(path)
     try:
         with h5py.File(path, "r") as h5:
             labels = h5[LABELS][:]
             classes = [ClassRecord(i, str(w), str(n)) for i, (w, n) in enumerate(zip(
                 h5.attrs["label_wnids"], h5.attrs["label_names"], strict=True))]
+            size = int(h5.attrs["size"])
+            encoding = str(h5.attrs.get("encoding", "raw"))  # packs from before jpeg: raw
+            if SHARDS in h5.attrs:
+                shards = [(path.with_name(str(name)), int(count)) for name, count in zip(
+                    h5.attrs[SHARDS], h5.attrs[SHARD_COUNTS], strict=True)]
+            else:
+                shards = [(path, len(labels))]
     except (OSError, KeyError) as exc:
         raise InputError(f"{path} is not an HDF5 file from `pipeline pack`: {exc}") from None
-    return labels, classes
+    missing = [str(p) for p, _ in shards if not p.exists()]
+    if missing:
+        raise InputError(f"{path} is a shard set but {missing[0]} is missing "
+                         f"({len(missing)} shard(s) in all); pack it again with --shard-size")
+    if sum(count for _, count in shards) != len(labels):
+        raise InputError(f"{path}: its shards hold {sum(c for _, c in shards)} images but it "
+                         f"lists {len(labels)} labels; pack it again")
+    if encoding not in ENCODINGS:
+        raise InputError(f"{path} has unknown encoding {encoding!r} (a newer pipeline?)")
+    return PackInfo(path, labels, classes, size, encoding, shards)
 
 
 def manifest_of(path: Path) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -32,6 +33,17 @@ def load_square(path: str | Path, size: int) -> np.ndarray:
     return np.asarray(square_image(path, size), dtype=np.uint8)
 
 
+class Window(NamedTuple):
+    """Where one network input comes from: the image scaled to width x height, the crop's
+    top-left corner (the crop is InputSpec.crop square), and a horizontal flip."""
+
+    width: int
+    height: int
+    left: int
+    top: int
+    flip: bool
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How an image becomes network input; saved in every checkpoint.
@@ -45,19 +57,36 @@ class InputSpec:
     resize: int
     jitter: tuple[int, int] | None = None
 
-    def train_pixels(self, image: Image.Image, rng: random.Random) -> np.ndarray:
+    def train_window(self, width: int, height: int, rng: random.Random) -> Window:
+        """Training's random choices for an image of this size, drawn in a fixed order, so
+        the CPU path and the batched (GPU) path make the same crop of the same sample."""
         side = rng.randint(*self.jitter) if self.jitter else self.resize
-        image = _scale_shorter_side(image, max(side, self.crop))
-        left = rng.randint(0, image.size[0] - self.crop)
-        top = rng.randint(0, image.size[1] - self.crop)
-        image = image.crop((left, top, left + self.crop, top + self.crop))
-        if rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
+        scaled = scaled_size(width, height, max(side, self.crop))
+        left = rng.randint(0, scaled[0] - self.crop)
+        top = rng.randint(0, scaled[1] - self.crop)
+        return Window(*scaled, left, top, rng.random() < 0.5)
+
+    def eval_window(self, width: int, height: int) -> Window:
+        scaled = scaled_size(width, height, self.eval_side)
+        return Window(*scaled, center_start(scaled[0], self.crop),
+                      center_start(scaled[1], self.crop), False)
+
+    def train_pixels(self, image: Image.Image, rng: random.Random) -> np.ndarray:
+        return self.apply(image, self.train_window(*image.size, rng))
 
     def eval_pixels(self, image: Image.Image) -> np.ndarray:
-        image = _scale_shorter_side(image, self.eval_side)
-        return np.array(_center_crop(image, self.crop), dtype=np.uint8)
+        return self.apply(image, self.eval_window(*image.size))
+
+    def apply(self, image: Image.Image, window: Window) -> np.ndarray:
+        """Scale, crop and maybe flip `image` as `window` says; a writable uint8 H x W x 3."""
+        if (window.width, window.height) != image.size:
+            image = image.resize((window.width, window.height), Image.BILINEAR,
+                                 reducing_gap=3.0)
+        image = image.crop((window.left, window.top, window.left + self.crop,
+                            window.top + self.crop))
+        if window.flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
 
     @property
     def eval_side(self) -> int:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 SIZE = 256  # images are packed and averaged at SIZE x SIZE; finetune resizes to it
 EXPORT_FORMATS = ("torchscript", "onnx")  # `pipeline export --format`
 CROSS_CLASS = ("drop", "first", "keep")  # `pipeline label --cross-class`
+ENCODINGS = ("raw", "jpeg")  # `pipeline pack --encoding`: pixels, or JPEG bytes
+JPEG_QUALITY = 90  # `pipeline pack --quality`
 
 
 @dataclass(frozen=True)

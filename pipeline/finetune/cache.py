@@ -41,7 +41,7 @@ from pipeline.finetune.options import FinetuneConfig
 from pipeline.fsutil import atomic_write_text
 from pipeline.models import Layer
 from pipeline.normalization import Normalization
-from pipeline.packfile import is_packfile
+from pipeline.packfile import is_packfile, read_pack
 from pipeline.preprocess import InputSpec
 from pipeline.progress import Progress
 
@@ -371,11 +371,16 @@ def _digest_normalization(normalization: Normalization) -> str:
 
 
 def _data_identity(path: Path | None) -> dict[str, Any]:
-    """A pack by size and mtime; a manifest by its content too (it is small)."""
+    """A pack by size and mtime (a shard set: of its index and of every shard, so a shard
+    packed again changes the key); a manifest by its content too (it is small)."""
     resolved = Path(path).resolve()
     stat = resolved.stat()
     identity: dict[str, Any] = {"path": str(resolved), "size": stat.st_size,
                                 "mtime_ns": stat.st_mtime_ns}
     if not is_packfile(resolved):
         identity["sha256"] = hashlib.sha256(resolved.read_bytes()).hexdigest()
+        return identity
+    shards = read_pack(resolved).files[1:]
+    if shards:
+        identity["shards"] = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in shards]
     return identity

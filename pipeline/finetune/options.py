@@ -15,6 +15,7 @@ from pipeline.stage_options import SIZE
 SCHEDULES = ("step", "cosine", "plateau")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CACHE_DTYPES = ("fp16", "bf16", "fp32")
+DECODE_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class FinetuneConfig:
     cache_dir: Path | None = None  # default: .feature-cache/ beside the training data
     cache_dtype: str = "fp16"
     tensorboard: Path | None = None  # also write each epoch's log.csv figures here
+    decode_device: str = "auto"  # where JPEG packs decode: auto = cuda when training on CUDA
 
 
     def to_json(self) -> dict[str, Any]:
@@ -65,6 +67,10 @@ def check_config(config: FinetuneConfig) -> None:
     _check_choice("--schedule", config.schedule, SCHEDULES)
     _check_choice("--precision", config.precision, PRECISIONS)
     _check_choice("--cache-dtype", config.cache_dtype, CACHE_DTYPES)
+    _check_choice("--decode-device", config.decode_device, DECODE_DEVICES)
+    if config.cache_features and config.decode_device == "cuda":
+        raise InputError("--decode-device cuda decodes live training batches; --cache-features "
+                         "builds its cache from CPU-decoded images (drop one of them)")
     if config.crop > config.resize:
         raise InputError(f"--crop {config.crop} is larger than --resize {config.resize}")
     if config.arch == "alexnet" and config.crop < 63:

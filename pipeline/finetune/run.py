@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import checkpoint
-from pipeline.data import EpochSampler, make_loader, open_images
+from pipeline.data import DecodedBatches, EpochSampler, is_jpeg_pack, make_loader, open_images
 from pipeline.errors import InputError
 from pipeline.finetune.cache import CacheInfo, FeatureCache, features_to_input, split_model
 from pipeline.finetune.distributed import Ranks, init_distributed, shutdown
@@ -51,6 +51,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     check_arch(config.arch)
     if config.precision == "fp16" and not torch.cuda.is_available():
         raise InputError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    if config.decode_device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--decode-device cuda needs a CUDA GPU; use cpu (or auto)")
     ranks = init_distributed()
     try:
         return _Run(config, ranks).train()
@@ -131,9 +133,31 @@ class _Run:
         return sampler, loader, val_loader
 
     def _image_feed(self, train: Dataset, val: Dataset | None) -> _Feed:
+        device = self._decode_device(train)
+        if device is not None:  # the workers only read bytes; whole batches decode on the GPU
+            for images in (train, val):
+                if is_jpeg_pack(images):
+                    images.defer_decoding()
         sampler, loader, val_loader = self._loaders(train, val, self.config.workers)
+        if device is not None:
+            log.info("decoding JPEG batches on %s", device)
+            crop = self.spec.crop
+            loader = DecodedBatches(loader, crop, device)
+            val_loader = DecodedBatches(val_loader, crop, device) if val_loader else None
         return _Feed(self._distributed(self.model), self.model, loader, val_loader,
                      self._pixels_to_input, self._pixels_to_input, sampler)
+
+    def _decode_device(self, train: Dataset) -> torch.device | None:
+        """The device that decodes JPEG packs batch by batch, or None: loader workers decode
+        (on the CPU). auto picks the GPU when training on one and the data is a JPEG pack."""
+        choice = self.config.decode_device
+        if choice == "cuda" and not is_jpeg_pack(train):
+            raise InputError(f"--decode-device cuda decodes JPEG packs, and {self.config.train} "
+                             "is not one: pack it with --encoding jpeg, or use --decode-device "
+                             "cpu")
+        if choice == "cpu" or not is_jpeg_pack(train) or self.ranks.device.type != "cuda":
+            return None
+        return self.ranks.device
 
     def _pixels_to_input(self, pixels: torch.Tensor) -> torch.Tensor:
         images = self.normalization(pixels.to(self.ranks.device, non_blocking=True))
