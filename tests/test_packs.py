@@ -159,6 +159,7 @@ def test_a_raw_pack_cannot_defer_decoding(packs):
         open_images(packs["raw"], SPEC, train=True).defer_decoding()
 
 
+@pytest.mark.slow
 def test_training_and_evaluate_read_jpeg_packs_and_shard_sets(manifests, packs, tmp_path):
     pack(manifests / "val.txt", tmp_path / "val.h5", size=SIZE, encoding="jpeg",
          shard_size=20)
@@ -172,6 +173,7 @@ def test_training_and_evaluate_read_jpeg_packs_and_shard_sets(manifests, packs, 
     assert result.count == 135 and not result.skipped
 
 
+@pytest.mark.slow
 def test_decode_device_cuda_without_a_gpu_is_one_line(packs, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -217,6 +219,7 @@ def kill_midway(command: list[str], first_shard: Path, index: Path) -> None:
         pytest.skip("the pack finished before it could be killed")
 
 
+@pytest.mark.slow
 def test_a_pack_killed_midway_resumes_and_equals_an_uninterrupted_one(manifests, tmp_path):
     command = [sys.executable, "-m", "pipeline", "pack", str(manifests / "train.txt"),
                "--size", str(SIZE), "--encoding", "jpeg", "--shard-size", "15", "--workers",
