@@ -129,6 +129,7 @@ def test_grouping_matches_brute_force_on_random_hashes():
     assert found == brute and len(brute) >= 1500
 
 
+@pytest.mark.slow
 def test_cli_label_options_and_a_bad_choice_is_one_line(dataset, tmp_path):
     root, *_ = dataset
     done = subprocess.run([sys.executable, "-m", "pipeline", "label", str(root), "--out",

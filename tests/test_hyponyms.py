@@ -62,6 +62,7 @@ def url_lines(mirror, sample: Path, wnids: list[str], per_synset: int = 3) -> st
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["drop", "first"])
 def test_gather_reports_and_resolves_hyponym_conflicts(sample, mirror, tmp_path, policy):
     wnids = [TIGER, CUB, TIGER_CUB, LION_CUB]
