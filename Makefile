@@ -29,6 +29,7 @@ MEAN      ?= auto#                 normalization: auto, imagenet, or $(DATA)/mea
 COMPARE   ?=#                      other run folders to plot in the report
 GATHER_ARGS   ?=#                  extra options for pipeline gather
 FINETUNE_ARGS ?=#                  extra options for pipeline finetune
+PACK_ARGS     ?=#                  extra options for pipeline pack (--encoding jpeg, --shard-size N)
 
 RAW    := $(DATA)/raw
 RUNDIR := $(RUNS)/$(strip $(RUN))
@@ -92,7 +93,7 @@ $(DATA)/mean.npy: $(MANIFESTS)/train.txt
 	$(PIPELINE) mean $< --size $(SIZE) --out $@
 
 $(DATA)/%.h5: $(MANIFESTS)/%.txt
-	$(PIPELINE) pack $< --size $(SIZE) --out $@
+	$(PIPELINE) pack $< --size $(SIZE) --out $@ $(PACK_ARGS)
 
 # An interrupted run (checkpoint, no metrics yet) is resumed; a finished one is kept as
 # $(RUNDIR).previous before training again.
