@@ -41,13 +41,22 @@ class Batch:
     images: torch.Tensor  # N x 3 x H x W, uint8 (empty while `encoded` awaits decoding)
     labels: torch.Tensor  # N, int64
     skipped: list[str]
-    encoded: list[torch.Tensor] | None = None  # deferred decoding: N JPEGs' bytes
-    windows: torch.Tensor | None = None  # deferred decoding: N x 5 `Window`s
+    # Deferred decoding: the N JPEG files back to back (one tensor, not N: each tensor a
+    # worker sends is a shared-memory segment and a file descriptor), their byte counts, and
+    # N x 5 `Window`s.
+    encoded: torch.Tensor | None = None
+    encoded_sizes: torch.Tensor | None = None
+    windows: torch.Tensor | None = None
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) on CUDA machines."""
+        encoded = self.encoded.pin_memory() if self.encoded is not None else None
         return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped,
-                     self.encoded, self.windows)
+                     encoded, self.encoded_sizes, self.windows)
+
+    def jpegs(self) -> list[torch.Tensor]:
+        """The deferred batch's JPEG files, one tensor (a view) each."""
+        return list(torch.split(self.encoded, self.encoded_sizes.tolist()))
 
 
 class Encoded(NamedTuple):
@@ -219,7 +228,8 @@ def collate(samples: list[tuple[torch.Tensor, int] | Encoded | str]) -> Batch:
         return Batch(empty, torch.zeros(0, dtype=torch.int64), skipped)
     labels = torch.tensor([sample[-1] for sample in good], dtype=torch.int64)
     if isinstance(good[0], Encoded):
-        return Batch(empty, labels, skipped, [sample.data for sample in good],
+        return Batch(empty, labels, skipped, torch.cat([sample.data for sample in good]),
+                     torch.tensor([len(sample.data) for sample in good], dtype=torch.int64),
                      torch.tensor([sample.window for sample in good], dtype=torch.int64))
     return Batch(torch.stack([image for image, _ in good]), labels, skipped)
 
@@ -277,7 +287,7 @@ class DecodedBatches:
             if batch.encoded is None:
                 yield batch
                 continue
-            pixels, bad = decode_batch(batch.encoded, batch.windows, self.crop, self.device)
+            pixels, bad = decode_batch(batch.jpegs(), batch.windows, self.crop, self.device)
             keep = [i for i in range(len(batch.labels)) if i not in bad]
             yield Batch(pixels, batch.labels[keep], batch.skipped + [
                 f"an undecodable JPEG (batch position {i})" for i in bad])

@@ -124,7 +124,7 @@ def test_batched_decoding_makes_the_cpu_paths_crops(packs):
         deferred.defer_decoding()
         keys = [(index, 4) for index in (0, 24, 25, 80, 134)]
         batch = collate([deferred[key] for key in keys])
-        pixels, bad = decode_batch(batch.encoded, batch.windows, spec.crop, torch.device("cpu"))
+        pixels, bad = decode_batch(batch.jpegs(), batch.windows, spec.crop, torch.device("cpu"))
         expected = torch.stack([cpu[key][0] for key in keys])
         assert bad == [] and pixels.shape == expected.shape and pixels.dtype == torch.uint8
         difference = (pixels.int() - expected.int()).abs().float()
@@ -138,7 +138,7 @@ def test_batched_decoding_skips_only_a_corrupt_jpeg(packs):
     samples = [images[(index, 0)] for index in range(4)]
     broken = samples[2]._replace(data=samples[2].data[:20].clone())
     batch = collate([*samples[:2], broken, samples[3]])
-    pixels, bad = decode_batch(batch.encoded, batch.windows, SPEC.crop, torch.device("cpu"))
+    pixels, bad = decode_batch(batch.jpegs(), batch.windows, SPEC.crop, torch.device("cpu"))
     assert bad == [2] and len(pixels) == 3
 
 
