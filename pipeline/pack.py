@@ -34,6 +34,7 @@ from pipeline.packfile import (
     SOURCE,
     create_images,
     finished_shard,
+    shard_number,
     shard_path,
     source_digest,
     write_index,
@@ -134,8 +135,8 @@ def _remove_temp_files(out: Path) -> None:
 def _remove_shards(out: Path, keep: int) -> None:
     """Shard files of `out` numbered `keep` and above: left from an earlier, larger set."""
     for path in out.parent.glob(f"{out.stem}-?????{out.suffix}"):
-        number = path.stem.rsplit("-", 1)[1]
-        if number.isdigit() and int(number) >= keep:
+        number = shard_number(path)
+        if number is not None and number >= keep:
             path.unlink()
 
 

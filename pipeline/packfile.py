@@ -117,6 +117,17 @@ def finished_shard(path: Path, source: str) -> int | None:
         return None
 
 
+def shard_number(path: Path) -> int | None:
+    """The number of a shard file written by `pipeline pack`, or None for any other file (a
+    user's `train-20240.h5` is never taken for a stale shard)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            number = h5.attrs.get("shard")
+            return int(number) if number is not None and SOURCE in h5.attrs else None
+    except OSError:
+        return None
+
+
 def read_pack(path: Path) -> PackInfo:
     """The labels, classes, size, encoding and image files of a pack or shard set."""
     path = Path(path)

@@ -244,3 +244,16 @@ def test_a_pack_killed_midway_resumes_and_equals_an_uninterrupted_one(manifests,
             assert all(np.array_equal(x, y) for x, y in zip(a["images"][:], b["images"][:],
                                                              strict=True))
     assert read_pack(killed).labels.tolist() == read_pack(reference).labels.tolist()
+
+
+def test_packing_again_removes_only_stale_shards_of_ours(manifests, tmp_path):
+    index = tmp_path / "train.h5"
+    pack(manifests / "train.txt", index, size=SIZE, shard_size=40)  # 4 shards
+    unrelated = tmp_path / "train-20240.h5"  # a user's file that merely looks like a shard
+    unrelated.write_bytes(b"not ours")
+    pack(manifests / "train.txt", index, size=SIZE, shard_size=70)  # 2 shards
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "train-00000.h5", "train-00001.h5", "train-20240.h5", "train.h5"]
+    pack(manifests / "train.txt", index, size=SIZE)  # one file: the shard set is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-20240.h5", "train.h5"]
+    assert len(read_pack(index).labels) == 135
