@@ -168,9 +168,27 @@ def test_training_and_evaluate_read_jpeg_packs_and_shard_sets(manifests, packs, 
         train=packs["jpeg-shards"], val=tmp_path / "val.h5", weights="none", epochs=1, out=run,
         crop=64, resize=SIZE, batch_size=8, workers=0, max_steps=2, decode_device="auto"))
     assert metrics["train_images"] == 16 and 0 <= metrics["val_top1"] <= 1
-    result = evaluate_checkpoint(run / "best.pt", packs["jpeg"], tmp_path / "eval",
+    result = evaluate_checkpoint(run / "best.pt", packs["jpeg-shards"], tmp_path / "eval",
                                  workers=0).metrics
     assert result.count == 135 and not result.skipped
+    cached = finetune(FinetuneConfig(
+        train=packs["jpeg-shards"], val=tmp_path / "val.h5", weights="none", epochs=1,
+        out=tmp_path / "cached", crop=64, resize=SIZE, batch_size=8, workers=0,
+        freeze_until="conv5", cache_features=True, cache_views=2))
+    assert cached["feature_cache"]["views"] == 2 and cached["train_images"] == 135
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_from_a_shard_set(packs, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "pipeline", "-q", "finetune",
+               "--train", str(packs["jpeg-shards"]), "--weights", "none", "--epochs", "1",
+               "--crop", "64", "--resize", str(SIZE), "--batch-size", "8", "--workers", "1",
+               "--max-steps", "2", "--out", str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "ddp" / "metrics.json").exists()
 
 
 @pytest.mark.slow
