@@ -1,4 +1,5 @@
-"""The parallel batch loader: a manifest of files or a packed HDF5 file, into uint8 batches.
+"""The parallel batch loader: a manifest of files, a pack or a shard set (raw or JPEG), into uint8
+batches; JPEG packs can instead be decoded whole batches at a time on the GPU.
 
 Design choices, each for a reason:
 - Samples are addressed as (index, epoch) and augmented with an RNG seeded from
@@ -164,9 +165,14 @@ class PackedImages(_ImageSource):
         if not self.deferred:
             return super().__getitem__(key)
         index, epoch = key
+        try:
+            data = torch.from_numpy(self._row(index))
+        except OSError as exc:
+            log.warning("skipping %s: %s", self.path(index), exc)
+            return self.path(index)
         window = (self.spec.train_window(self.size, self.size, sample_rng(self.seed, epoch, index))
                   if self.train else self.spec.eval_window(self.size, self.size))
-        return Encoded(torch.from_numpy(self._row(index)), window, int(self.labels[index]))
+        return Encoded(data, window, int(self.labels[index]))
 
     def path(self, index: int) -> str:
         return f"{self.h5_path}[{index}]"
