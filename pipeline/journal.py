@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +43,117 @@ def is_final(record: dict[str, Any]) -> bool:
 
 
 def read_journal(path: Path) -> dict[str, dict[str, Any]]:
-    """The last record of every id; unparsable lines (a torn tail after a kill) are skipped."""
-    records: dict[str, dict[str, Any]] = {}
+    """The last record of every id, as dicts: for small journals (tests, the report);
+    `JournalIndex` is the compact form a gather run holds."""
+    return {record["id"]: record for _, record in iter_journal(path)}
+
+
+def iter_journal(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(offset of the line, record) for every readable line, in order; unparsable lines (a
+    torn tail after a kill) are skipped and counted in a warning."""
     if not path.exists():
-        return records
-    skipped = 0
-    with open(path, encoding="utf-8", errors="replace") as handle:
+        return
+    skipped = offset = 0
+    with open(path, "rb") as handle:
         for line in handle:
-            try:
-                record = json.loads(line)
-                records[record["id"]] = record
-            except (ValueError, KeyError, TypeError):
+            record = _parse(line)
+            if record is None:
                 skipped += 1
+            else:
+                yield offset, record
+            offset += len(line)
     if skipped:
         log.warning("journal %s: skipped %d unreadable line(s)", path, skipped)
-    return records
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line.decode("utf-8", "replace"))
+        record["id"], record["outcome"]  # noqa: B018 - every record has both
+    except (ValueError, KeyError, TypeError):
+        return None
+    return record
+
+
+UNKNOWN = 0xFF  # JournalIndex code of an id the journal does not hold
+_FINAL = 0x80  # the code's bit for a final outcome; the low bits index OUTCOMES
+_INDEX = 0x7F
+_CODES = {outcome: code for code, outcome in enumerate(OUTCOMES)}
+
+
+class JournalIndex:
+    """The last outcome of every id in a journal, in 17 bytes per id instead of a dict.
+
+    A gather run over ImageNet-1k holds 1.4 million ids: as dicts their records take gigabytes,
+    here a sorted array of the ids' hashes, an outcome code each (final bit | index in
+    OUTCOMES) and the offset of the id's last line, to read the whole record back when needed
+    (the journal on disk stays the one source of truth). Hashes are Python's own, salted per
+    process: two ids of one journal share a hash with a chance of about 1 in 10^8 at 1.4 million
+    ids, and then only for that run, as the next run draws another salt.
+    """
+
+    def __init__(self, keys: np.ndarray, codes: np.ndarray, offsets: np.ndarray) -> None:
+        self.keys, self.codes, self.offsets = keys, codes, offsets
+
+    @classmethod
+    def read(cls, path: Path) -> JournalIndex:
+        keys, codes, offsets = array("q"), bytearray(), array("q")
+        for offset, record in iter_journal(path):
+            keys.append(hash(record["id"]))
+            codes.append(_code(record))
+            offsets.append(offset)
+        all_keys = np.asarray(keys, np.int64)
+        order = np.argsort(all_keys, kind="stable")
+        ordered = all_keys[order]
+        last = np.ones(len(order), bool)  # the last line of each id wins
+        last[:-1] = ordered[1:] != ordered[:-1]
+        order = order[last]
+        return cls(all_keys[order], np.frombuffer(codes, np.uint8)[order].copy(),
+                   np.asarray(offsets, np.int64)[order])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, ids: Iterable[str]) -> np.ndarray:
+        """The code of each id (UNKNOWN where the journal has none)."""
+        wanted = np.fromiter((hash(image_id) for image_id in ids), np.int64)
+        where = np.searchsorted(self.keys, wanted)
+        found = where < len(self.keys)
+        found[found] = self.keys[where[found]] == wanted[found]
+        codes = np.full(len(wanted), UNKNOWN, np.uint8)
+        codes[found] = self.codes[where[found]]
+        return codes
+
+    def outcome(self, image_id: str) -> str | None:
+        return outcome_of(int(self.lookup([image_id])[0]))
+
+    def last_records(self, path: Path, outcomes: frozenset[str]) -> Iterator[dict[str, Any]]:
+        """The last record of every id whose last outcome is one of `outcomes`, read back
+        from the journal (one pass; only those lines are parsed)."""
+        wanted = np.isin(self.codes & _INDEX, [_CODES[o] for o in outcomes])
+        offsets = np.sort(self.offsets[wanted])
+        if not offsets.size:
+            return
+        with open(path, "rb") as handle:
+            for offset in offsets.tolist():
+                handle.seek(offset)
+                record = _parse(handle.readline())
+                if record is not None:
+                    yield record
+
+
+def _code(record: dict[str, Any]) -> int:
+    return _CODES.get(record["outcome"], len(OUTCOMES)) | (_FINAL if is_final(record) else 0)
+
+
+def outcome_of(code: int) -> str | None:
+    """The outcome a JournalIndex code stands for; None for UNKNOWN."""
+    if code == UNKNOWN:
+        return None
+    index = code & _INDEX
+    return OUTCOMES[index] if index < len(OUTCOMES) else "unknown"
+
+
+def final_codes(codes: np.ndarray) -> np.ndarray:
+    """Which JournalIndex codes stand for a final outcome (UNKNOWN does not)."""
+    return ((codes & _FINAL) != 0) & (codes != UNKNOWN)

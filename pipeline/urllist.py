@@ -1,22 +1,28 @@
 """Reading ImageNet-style inputs: the URL list, words.txt and wordnet.is_a.txt.
 
 The URL list (`fall11_urls.txt`) has 14 million lines, so it is streamed once in binary mode
-and only the lines of the requested synsets are kept: memory grows with the selection, never
-with the list. The list was scraped from the web: some URLs hold raw Latin-1 bytes, UTF-8 text,
-spaces or a stray third field, so a selected line's bytes are turned into a fully encoded ASCII
-URL here (`encode_url`) rather than decoded as text, which would lose the bytes the server expects.
+and only the lines of the requested synsets are kept, and those on disk (`Selection`: a spool
+file and 8 bytes per URL in memory), so an ImageNet-1k selection of 1.4 million URLs costs
+~11 MB, not the ~420 MB its entries would as Python objects. The list was scraped from the
+web: some URLs hold raw Latin-1 bytes, UTF-8 text, spaces or a stray third field, so a
+selected line's bytes are turned into a fully encoded ASCII URL here (`encode_url`) rather
+than decoded as text, which would lose the bytes the server expects.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
+from array import array
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import idna  # yarl's own IDNA codec (UTS #46, as browsers), so it is installed with aiohttp
+import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_text
@@ -57,13 +63,20 @@ class UrlEntry:
 class Selection:
     """What a scan kept, and what it skipped or repaired, so the caller can report it.
 
+    The kept entries wait on disk, in list order, in an unnamed temp file (gone when closed
+    or killed), one `<id>TAB<wnid>TAB<class>TAB<url>` line each (ids, wnids and encoded URLs
+    hold no tab); memory holds only where each line starts. Iterate it, or read entry `i`.
+
     Only selected lines are read past their key (to keep the scan fast), so `extra_fields`,
     `duplicate_ids` and malformed ids or URLs are counted among the selected lines only; a line
     without a `<wnid>_<num><TAB>` key is malformed wherever it is. Examples are
     `(line number, text)`, the text being the id for a duplicate.
     """
 
-    entries: list[UrlEntry] = field(default_factory=list)
+    spool: IO[bytes]
+    spool_dir: Path | None = None
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # len + 1
+    classes: set[str] = field(default_factory=set)  # the classes with at least one entry
     lines: int = 0
     malformed: int = 0
     malformed_examples: list[tuple[int, str]] = field(default_factory=list)
@@ -71,6 +84,47 @@ class Selection:
     extra_fields_examples: list[tuple[int, str]] = field(default_factory=list)
     duplicate_ids: int = 0
     duplicate_examples: list[tuple[int, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __iter__(self) -> Iterator[UrlEntry]:
+        self.spool.seek(0)
+        return (_spooled(line) for line in self.spool)
+
+    def __enter__(self) -> Selection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.spool.close()
+
+    def entry(self, index: int) -> UrlEntry:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return _spooled(os.pread(self.spool.fileno(), int(end - start), int(start)))
+
+    @property
+    def entries(self) -> list[UrlEntry]:
+        """All entries as objects: for small selections (tests, tools), never for a run."""
+        return list(self)
+
+    def keep_only(self, keep: Callable[[int, UrlEntry], bool]) -> None:
+        """Drop the entries `keep(index, entry)` refuses: one pass, into a new spool."""
+        kept = tempfile.TemporaryFile(dir=self.spool_dir)  # noqa: SIM115 - it owns it
+        starts = array("q", [0])
+        self.spool.seek(0)
+        for index, line in enumerate(self.spool):
+            if keep(index, _spooled(line)):
+                kept.write(line)
+                starts.append(starts[-1] + len(line))
+        kept.flush()
+        self.spool.close()
+        self.spool, self.offsets = kept, np.asarray(starts, np.int64)
+        self.classes = {entry.klass for entry in self}
+
+
+def _spooled(line: bytes) -> UrlEntry:
+    image_id, wnid, klass, url = line.decode("ascii").rstrip("\n").split("\t")
+    return UrlEntry(image_id, wnid, url, klass)
 
 
 class MalformedLine(ValueError):
@@ -96,32 +150,107 @@ def safe_file_stem(image_id: str) -> str:
     return stem[:200] or "unnamed"
 
 
-def select_urls(path: Path, classes: dict[str, str]) -> Selection:
-    """Stream `path` and keep the entries whose wnid is a key of `classes` (wnid -> class).
+def select_urls(path: Path, classes: dict[str, str], spool_dir: Path | None = None
+                ) -> Selection:
+    """Stream `path` and keep the entries whose wnid is a key of `classes` (wnid -> class),
+    spooled to a temp file in `spool_dir` (the system's temp folder by default).
 
     Raises InputError for a missing/unreadable list, or when a requested wnid has no line.
     """
     wanted = {wnid.encode(): (wnid, klass) for wnid, klass in classes.items()}
-    selection = Selection()
+    selection = Selection(tempfile.TemporaryFile(dir=spool_dir), spool_dir)  # noqa: SIM115
     try:
         with open(path, "rb") as handle:
             if handle.peek(len(_BOM)).startswith(_BOM):  # saved by an editor as "UTF-8 with BOM"
                 handle.read(len(_BOM))
             _scan(handle, wanted, selection)
     except FileNotFoundError:
+        selection.spool.close()
         raise InputError(f"URL list {path} does not exist (pass --urls fall11_urls.txt)") from None
     except IsADirectoryError:
+        selection.spool.close()
         raise InputError(f"URL list {path} is a directory, not a file") from None
     except PermissionError:
+        selection.spool.close()
         raise InputError(f"URL list {path} is not readable (check its permissions)") from None
+    except BaseException:
+        selection.spool.close()
+        raise
     _check_all_found(path, classes, selection)
     return selection
+
+
+class _Spooler:
+    """Writes selected entries to the spool and remembers, per entry, where its line starts,
+    its id's hash and its line number (20 bytes), so repeated ids are found after the scan
+    by sorting instead of by a set of every id (~100 bytes each)."""
+
+    def __init__(self, selection: Selection) -> None:
+        self.selection = selection
+        self.starts = array("q", [0])
+        self.hashes = array("q")
+        self.linenos = array("q")
+        self.buffer: list[bytes] = []
+
+    def add(self, lineno: int, entry: UrlEntry) -> None:
+        line = f"{entry.id}\t{entry.wnid}\t{entry.klass}\t{entry.url}\n".encode("ascii")
+        self.buffer.append(line)
+        if len(self.buffer) >= 4096:
+            self.flush()
+        self.starts.append(self.starts[-1] + len(line))
+        self.hashes.append(hash(entry.id))
+        self.linenos.append(lineno)
+        self.selection.classes.add(entry.klass)
+
+    def flush(self) -> None:
+        self.selection.spool.write(b"".join(self.buffer))
+        self.selection.spool.flush()
+        self.buffer.clear()
+
+    def finish(self) -> None:
+        """Drop repeated ids (the first line wins, as a later one would overwrite its file)."""
+        self.flush()
+        selection = self.selection
+        selection.offsets = np.asarray(self.starts, np.int64)
+        repeated = _repeated_ids(np.asarray(self.hashes, np.int64), selection.entry)
+        if not repeated.size:
+            return
+        linenos = np.asarray(self.linenos, np.int64)
+        selection.duplicate_ids = int(repeated.size)
+        for index in repeated[:MAX_REPORTED_MALFORMED]:
+            _note(selection.duplicate_examples, int(linenos[index]),
+                  selection.entry(int(index)).id)
+        doomed = set(repeated.tolist())
+        selection.keep_only(lambda index, _: index not in doomed)
+
+
+def _repeated_ids(hashes: np.ndarray, entry: Callable[[int], UrlEntry]) -> np.ndarray:
+    """Positions (ascending) of the entries whose id an earlier entry already has.
+
+    Equal hashes are only candidates: their ids are read back and compared, so a collision
+    of two different ids never drops one.
+    """
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if not same.size:
+        return same
+    candidates = np.unique(np.concatenate([order[same], order[same + 1]]))
+    first_of: dict[str, int] = {}
+    repeated = []
+    for index in candidates.tolist():  # ascending: the first line of an id comes first
+        image_id = entry(index).id
+        if image_id in first_of:
+            repeated.append(index)
+        else:
+            first_of[image_id] = index
+    return np.asarray(repeated, np.int64)
 
 
 def _scan(handle: Iterable[bytes], wanted: dict[bytes, tuple[str, str]],
           selection: Selection) -> None:
     """The hot loop: two partitions and a lookup per line; only selected lines go further."""
-    seen_ids: set[str] = set()
+    spooler = _Spooler(selection)
     lineno = 0
     for lineno, line in enumerate(handle, 1):  # noqa: B007 - lineno is used after the loop
         key, tab, _ = line.partition(b"\t")
@@ -133,11 +262,12 @@ def _scan(handle: Iterable[bytes], wanted: dict[bytes, tuple[str, str]],
             continue
         match = wanted.get(wnid)
         if match is not None:
-            _select(selection, seen_ids, lineno, line, match)
+            _select(selection, spooler, lineno, line, match)
     selection.lines = lineno
+    spooler.finish()
 
 
-def _select(selection: Selection, seen_ids: set[str], lineno: int, line: bytes,
+def _select(selection: Selection, spooler: _Spooler, lineno: int, line: bytes,
             match: tuple[str, str]) -> None:
     try:
         parsed = parse_url_line(line)
@@ -148,13 +278,7 @@ def _select(selection: Selection, seen_ids: set[str], lineno: int, line: bytes,
     if parsed.extra_fields:
         selection.extra_fields += 1
         _note(selection.extra_fields_examples, lineno, _line_text(line))
-    if parsed.id in seen_ids:  # the first line wins, as a later one would overwrite its file
-        selection.duplicate_ids += 1
-        _note(selection.duplicate_examples, lineno, parsed.id)
-        return
-    seen_ids.add(parsed.id)
-    selection.entries.append(UrlEntry(id=parsed.id, wnid=match[0], url=parsed.url,
-                                      klass=match[1]))
+    spooler.add(lineno, UrlEntry(id=parsed.id, wnid=match[0], url=parsed.url, klass=match[1]))
 
 
 def _note(examples: list[tuple[int, str]], lineno: int, text: str) -> None:
@@ -219,9 +343,9 @@ def _escape(raw: bytes) -> str:
 
 
 def _check_all_found(path: Path, classes: dict[str, str], selection: Selection) -> None:
-    found = {entry.klass for entry in selection.entries}
-    missing = sorted(set(classes.values()) - found)
+    missing = sorted(set(classes.values()) - selection.classes)
     if missing:
+        selection.spool.close()
         raise InputError(
             f"wnid {', '.join(missing)} has no URL in {path} "
             "(check the id, or pass the URL list that contains it)")

@@ -91,10 +91,17 @@ def entries(klass: str, hosts: list[str], per_host: int) -> list[UrlEntry]:
             for h in hosts for k in range(per_host)]
 
 
+def scheduler_of(work: list[UrlEntry], ok: Counter, limit: int | None,
+                 book: HostBook) -> Scheduler:
+    """A scheduler over entries held in a list (a run reads them back from its selection)."""
+    return Scheduler(((i, e.klass, host_key(e.url)) for i, e in enumerate(work)),
+                     work.__getitem__, ok, limit, book)
+
+
 def test_scheduler_alternates_classes_and_hosts_and_respects_the_per_host_limit():
     book = HostBook(per_host=2, max_failures=5)
     work = entries("a", ["big", "small"], 5) + entries("b", ["other"], 5)
-    scheduler = Scheduler(work, Counter(), None, book)
+    scheduler = scheduler_of(work, Counter(), None, book)
     started = [scheduler.next(0.0) for _ in range(6)]
     assert None not in started
     assert [j.entry.klass for j in started] == ["a", "b", "a", "b", "a", "a"]
@@ -107,7 +114,7 @@ def test_scheduler_alternates_classes_and_hosts_and_respects_the_per_host_limit(
 def test_scheduler_limit_is_exact_and_retries_keep_their_place():
     book = HostBook(per_host=10, max_failures=5)
     ok: Counter = Counter()
-    scheduler = Scheduler(entries("a", ["h"], 10), ok, 3, book)
+    scheduler = scheduler_of(entries("a", ["h"], 10), ok, 3, book)
     jobs = [scheduler.next(0.0) for _ in range(3)]
     assert scheduler.next(0.0) is None  # 3 in flight for a limit of 3
     scheduler.retry(jobs[0], at=5.0)
@@ -123,7 +130,7 @@ def test_scheduler_limit_is_exact_and_retries_keep_their_place():
 
 def test_scheduler_drops_the_queue_of_a_down_host_and_pauses_only_the_throttled_one():
     book = HostBook(per_host=1, max_failures=1)
-    scheduler = Scheduler(entries("a", ["dead", "slow", "fine"], 3), Counter(), None, book)
+    scheduler = scheduler_of(entries("a", ["dead", "slow", "fine"], 3), Counter(), None, book)
     first = [scheduler.next(0.0) for _ in range(3)]
     dead = next(j for j in first if j.host == "dead")
     book.record("dead", connection_failed=True, started=0.0, now=1.0, error="refused")
@@ -180,7 +187,7 @@ def test_unanswered_hosts_first_then_the_host_with_the_most_urls_left():
         book.record(host, connection_failed=False, started=0.0, now=0.1)  # answered
     work = (entries("a", ["small"], 4) + entries("a", ["big"], 9)
             + entries("a", ["new"], 5))
-    scheduler = Scheduler(work, Counter(), None, book)
+    scheduler = scheduler_of(work, Counter(), None, book)
     started = [scheduler.next(1.0).host for _ in range(7)]
     # The new host's probe (2 attempts) first; then big to its limit, then small.
     assert started == ["new", "new", "big", "big", "big", "small", "small"]
@@ -189,7 +196,7 @@ def test_unanswered_hosts_first_then_the_host_with_the_most_urls_left():
 def test_a_host_that_never_answered_gets_exactly_its_probe():
     book = HostBook(per_host=16, max_failures=3)
     work = entries("a", ["dead"], 10) + entries("a", ["new"], 20)
-    scheduler = Scheduler(work, Counter(), None, book)
+    scheduler = scheduler_of(work, Counter(), None, book)
     probes = [scheduler.next(0.0) for _ in range(7)]
     assert [j.host if j else None for j in probes] == ["new"] * 3 + ["dead"] * 3 + [None]
     for job in probes[3:5]:  # two of dead's three probes fail: no new attempt replaces them

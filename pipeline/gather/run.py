@@ -3,6 +3,7 @@ their replies (retry, journal, host health), honours Ctrl-C and writes the summa
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import signal
@@ -16,20 +17,19 @@ from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.fsutil import JsonLinesWriter, remove_stale_temp_files
-from pipeline.gather.hosts import HostBook
+from pipeline.gather.hosts import HostBook, host_key
 from pipeline.gather.http import Attempt
 from pipeline.gather.options import GatherOptions
 from pipeline.gather.schedule import Job, Scheduler
-from pipeline.gather.store import Collector, target_stem
+from pipeline.gather.store import LOOKUP_BATCH, Collector, target_stem
 from pipeline.gather.worker import Reply, Request, WorkerPool, effective_per_host
-from pipeline.journal import OUTCOMES, read_journal
+from pipeline.journal import OUTCOMES, JournalIndex, outcome_of
 from pipeline.manifest import display_name
 from pipeline.progress import Progress
 from pipeline.tables import format_table
 from pipeline.urllist import (
     HYPONYM_CONFLICTS_NAME,
     Selection,
-    UrlEntry,
     check_wnid,
     read_is_a,
     resolve_hyponyms,
@@ -106,15 +106,17 @@ def gather_synsets(urls: Path, wnids: list[str], options: GatherOptions, *,
     wnids = [check_wnid(w) for w in dict.fromkeys(wnids)]
     if with_hyponyms and is_a is None:
         raise InputError("--with-hyponyms needs --is-a wordnet.is_a.txt")
+    options.out.mkdir(parents=True, exist_ok=True)  # the selection waits there, on disk
     if not with_hyponyms:
-        selection = select_urls(urls, {wnid: wnid for wnid in wnids})
+        selection = select_urls(urls, {wnid: wnid for wnid in wnids}, options.out)
         conflicts: list[tuple[str, list[str], int, str]] = []
     else:
         selection, conflicts = _select_with_hyponyms(urls, wnids, read_is_a(is_a), options)
-    _report_quirks(urls, selection)
-    log.info("%s: %d lines read, %d URL(s) selected for %d synset(s)", urls, selection.lines,
-             len(selection.entries), len(wnids))
-    report = gather(selection.entries, options)
+    with selection:
+        _report_quirks(urls, selection)
+        log.info("%s: %d lines read, %d URL(s) selected for %d synset(s)", urls,
+                 selection.lines, len(selection), len(wnids))
+        report = gather(selection, options)
     report.hyponym_conflicts = conflicts
     return report
 
@@ -127,11 +129,11 @@ def _select_with_hyponyms(urls: Path, wnids: list[str], is_a: dict[str, list[str
     OUT/hyponym_conflicts.txt)."""
     hyponyms = resolve_hyponyms(wnids, is_a)
     classes = {**hyponyms.classes, **{w: ks[0] for w, ks in hyponyms.conflicts.items()}}
-    selection = select_urls(urls, classes)
-    counts = Counter(e.wnid for e in selection.entries if e.wnid in hyponyms.conflicts)
+    selection = select_urls(urls, classes, options.out)
+    counts = Counter(e.wnid for e in selection if e.wnid in hyponyms.conflicts)
     drop = options.hyponym_conflicts == "drop"
-    if drop:
-        selection.entries = [e for e in selection.entries if e.wnid not in hyponyms.conflicts]
+    if drop and counts:
+        selection.keep_only(lambda _, entry: entry.wnid not in hyponyms.conflicts)
     rows = [(wnid, klasses, counts[wnid], "dropped" if drop else klasses[0])
             for wnid, klasses in sorted(hyponyms.conflicts.items())]
     for wnid, klasses, count, resolution in rows:
@@ -140,7 +142,6 @@ def _select_with_hyponyms(urls: Path, wnids: list[str], is_a: dict[str, list[str
                     else f"filed under {resolution}")
     path = options.out / HYPONYM_CONFLICTS_NAME
     if rows or path.exists():  # an earlier run's list is replaced, even by an empty one
-        options.out.mkdir(parents=True, exist_ok=True)
         write_hyponym_conflicts(path, rows)
     return selection, rows
 
@@ -157,8 +158,12 @@ def _report_quirks(urls: Path, selection: Selection) -> None:
             log.warning("%s: %d %s (%s)", urls, count, what, listed)
 
 
-def gather(entries: list[UrlEntry], options: GatherOptions) -> GatherReport:
-    """Fetch `entries` (already selected from the URL list), resuming from the journal."""
+def gather(selection: Selection, options: GatherOptions) -> GatherReport:
+    """Fetch the selected URLs, resuming from the journal.
+
+    Memory stays flat however many URLs are selected: they wait on disk (the selection), the
+    journal is held as a compact index, and the scheduler queues indices, not objects.
+    """
     options.out.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temp_files(options.out)
     if stale:
@@ -166,15 +171,18 @@ def gather(entries: list[UrlEntry], options: GatherOptions) -> GatherReport:
     started = time.monotonic()
     report = GatherReport()
     with JsonLinesWriter(options.journal_path) as journal:
-        collector = Collector(options, journal, read_journal(options.journal_path))
-        pending = collector.pending(entries)
-        report.skipped = len(entries) - len(pending)
-        pending = collector.recover_unjournaled(pending)
-        if pending:
-            _Run(pending, options, collector, report).drive()
+        collector = Collector(options, journal, JournalIndex.read(options.journal_path))
+        pending = collector.recover_unjournaled(collector.pending(selection), selection.classes)
+        hosts = HostBook(effective_per_host(options), options.host_failures)
+        scheduler = Scheduler(((index, entry.klass, host_key(entry.url))
+                               for index, entry in pending),
+                              selection.entry, collector.ok_counts, options.limit, hosts)
+        report.skipped = collector.skipped
+        if scheduler.total:
+            _Run(scheduler, options, collector, report).drive()
         report.this_run = collector.this_run
         report.placeholders_found = collector.placeholders_found
-    _fill_overall(report, entries, read_journal(options.journal_path))
+    _fill_overall(report, selection, JournalIndex.read(options.journal_path))
     report.seconds = time.monotonic() - started
     return report
 
@@ -182,16 +190,16 @@ def gather(entries: list[UrlEntry], options: GatherOptions) -> GatherReport:
 class _Run:
     """The coordinator loop: hand out jobs, settle replies, journal, honour Ctrl-C."""
 
-    def __init__(self, pending: list[UrlEntry], options: GatherOptions, collector: Collector,
+    def __init__(self, scheduler: Scheduler, options: GatherOptions, collector: Collector,
                  report: GatherReport) -> None:
         self.options = options
         self.collector = collector
         self.report = report
-        self.hosts = HostBook(effective_per_host(options), options.host_failures)
-        self.scheduler = Scheduler(pending, collector.ok_counts, options.limit, self.hosts)
+        self.scheduler = scheduler
+        self.hosts = scheduler.hosts
         self.jobs: dict[int, tuple[Job, float]] = {}  # job id -> (job, attempt start)
         self.next_id = 0
-        self.progress = Progress("gather", total=len(pending))
+        self.progress = Progress("gather", total=scheduler.total)
         self._status_at = 0.0
 
     def drive(self) -> None:
@@ -233,8 +241,7 @@ class _Run:
     def _read_timeout(self, job: Job) -> float | None:
         """The host's own read timeout, except for a URL that timed out before: it gets the
         full --timeout, so a slow image is never cut off run after run."""
-        earlier = self.collector.history.get(job.entry.id)
-        if earlier is not None and earlier["outcome"] == "timeout":
+        if self.collector.index.outcome(job.entry.id) == "timeout":
             return None
         return self.hosts.read_timeout(job.host, self.options.timeout)
 
@@ -329,11 +336,12 @@ class _StopSignals:
                     self.grace if first else 0)
 
 
-def _fill_overall(report: GatherReport, entries: list[UrlEntry],
-                  history: dict[str, dict[str, Any]]) -> None:
-    for entry in entries:
-        record = history.get(entry.id)
-        outcome = record["outcome"] if record else "not_tried"
-        report.overall[entry.klass][outcome] += 1
-        if entry.wnid != entry.klass:
-            report.by_hyponym[entry.klass, entry.wnid][outcome] += 1
+def _fill_overall(report: GatherReport, selection: Selection, index: JournalIndex) -> None:
+    numbered = iter(selection)
+    while batch := list(itertools.islice(numbered, LOOKUP_BATCH)):
+        codes = index.lookup(entry.id for entry in batch)
+        for entry, code in zip(batch, codes.tolist(), strict=True):
+            outcome = outcome_of(code) or "not_tried"
+            report.overall[entry.klass][outcome] += 1
+            if entry.wnid != entry.klass:
+                report.by_hyponym[entry.klass, entry.wnid][outcome] += 1

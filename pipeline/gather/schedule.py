@@ -10,6 +10,11 @@ while the free slots go to the others. A class with
 `limit - ok` URLs in flight (or waiting to be retried) gets no new one until one of them fails,
 so `--limit N` yields exactly N images without over-fetching. URLs of a host that went down
 are handed back through `dropped` without being requested.
+
+Waiting URLs are held compactly (a run may queue 1.4 million): one array of their indices in
+the selection, grouped by (class, host) into segments, 8 bytes per URL and a heap entry per
+segment; a URL becomes a `Job` (its entry read back from the selection) only when it is handed
+out or dropped.
 """
 
 from __future__ import annotations
@@ -17,11 +22,17 @@ from __future__ import annotations
 import heapq
 import itertools
 import sys
+from array import array
 from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from pipeline.gather.hosts import HostBook, host_key
+import numpy as np
+
+from pipeline.gather.hosts import HostBook
 from pipeline.urllist import UrlEntry
+
+_TOP = -sys.maxsize  # the rank a segment is pushed with when it (re)gains work: checked first
 
 
 @dataclass
@@ -30,6 +41,7 @@ class Job:
 
     entry: UrlEntry
     host: str
+    segment: int  # its (class, host) queue in the scheduler
     attempts: int = 0
     seconds: float = 0.0
     last_error: str = ""
@@ -37,41 +49,32 @@ class Job:
 
 @dataclass
 class _ClassQueue:
-    """A class's waiting jobs per host, and a heap of hosts: not yet answered first, then by
-    queue length (longest first).
+    """A class's heap of segments (its hosts): not yet answered first, then by URLs left
+    (most first), then by host name; and how many URLs it has waiting in all.
 
-    Heap entries are corrected lazily: an entry is pushed ranked at least as high as its host
-    really is (a new host, a retry coming back: at the very top), and one found stale at the
-    top is pushed again with its true rank; so the first accurate entry popped is the best.
+    Heap entries are corrected lazily: an entry is pushed ranked at least as high as its
+    segment really is (at the start, a retry coming back: at the very top), and one found stale
+    at the top is pushed again with its true rank; so the first accurate entry popped is the
+    best.
     """
 
-    by_host: dict[str, deque[Job]] = field(default_factory=dict)
-    heap: list[tuple[bool, int, str]] = field(default_factory=list)  # (answered, -length, host)
-
-    def add(self, job: Job, *, front: bool = False) -> None:
-        queue = self.by_host.get(job.host)
-        if queue is None:
-            queue = self.by_host[job.host] = deque()
-        if front:
-            queue.appendleft(job)
-        else:
-            queue.append(job)
-        if front or len(queue) == 1:
-            heapq.heappush(self.heap, (False, -sys.maxsize, job.host))
+    heap: list[tuple[bool, int, str, int]] = field(default_factory=list)  # (answered, -left,
+    # host, segment)
+    waiting: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.by_host)
+        return self.waiting > 0
 
 
 class Scheduler:
-    def __init__(self, entries: list[UrlEntry], ok_counts: Counter[str], limit: int | None,
-                 hosts: HostBook) -> None:
+    """`work` is (selection index, class, host) per waiting URL, in list order; `load` reads
+    an index's entry back."""
+
+    def __init__(self, work: Iterable[tuple[int, str, str]], load: Callable[[int], UrlEntry],
+                 ok_counts: Counter[str], limit: int | None, hosts: HostBook) -> None:
+        self._load = load
         self._classes: dict[str, _ClassQueue] = {}
-        for entry in entries:
-            queue = self._classes.get(entry.klass)
-            if queue is None:
-                queue = self._classes[entry.klass] = _ClassQueue()
-            queue.add(Job(entry, host_key(entry.url)))
+        self._build(work)
         self._order = deque(self._classes)
         self._ok = ok_counts
         self._limit = limit
@@ -79,7 +82,37 @@ class Scheduler:
         self._in_flight: Counter[str] = Counter()  # per class, retries waiting included
         self._delayed: list[tuple[float, int, Job]] = []
         self._sequence = itertools.count()
+        self._front: dict[int, deque[Job]] = {}  # segment -> retries due, before the rest
         self.dropped: list[Job] = []  # jobs of hosts that went down, to be journaled
+
+    def _build(self, work: Iterable[tuple[int, str, str]]) -> None:
+        """Sort the waiting URLs by (class, host, list order) into segments."""
+        class_ids: dict[str, int] = {}
+        host_ids: dict[str, int] = {}
+        classes, hosts, indices = array("i"), array("i"), array("q")
+        for index, klass, host in work:
+            classes.append(class_ids.setdefault(klass, len(class_ids)))
+            hosts.append(host_ids.setdefault(host, len(host_ids)))
+            indices.append(index)
+        self.total = len(indices)
+        if not self.total:
+            return
+        class_of, host_of = np.asarray(classes, np.int32), np.asarray(hosts, np.int32)
+        order = np.lexsort((np.asarray(indices, np.int64), host_of, class_of))
+        self._indices = np.asarray(indices, np.int64)[order]
+        class_of, host_of = class_of[order], host_of[order]
+        starts = np.flatnonzero(np.concatenate(
+            [[True], (class_of[1:] != class_of[:-1]) | (host_of[1:] != host_of[:-1])]))
+        self._next = starts  # per segment, the position of its next URL in _indices
+        self._end = np.append(starts[1:], len(order))
+        names = list(host_ids)
+        self._host = [names[h] for h in host_of[starts].tolist()]
+        queues = [_ClassQueue() for _ in class_ids]
+        for segment, klass in enumerate(class_of[starts].tolist()):
+            queue = queues[klass]
+            queue.heap.append((False, _TOP, self._host[segment], segment))
+            queue.waiting += int(self._end[segment] - starts[segment])
+        self._classes = dict(zip(class_ids, queues, strict=True))
 
     def next(self, now: float) -> Job | None:
         """A job that may start now, or None (nothing queued, or all waiting on limits)."""
@@ -131,38 +164,61 @@ class Scheduler:
         while self._delayed and self._delayed[0][0] <= now:
             _, _, job = heapq.heappop(self._delayed)
             self._in_flight[job.entry.klass] -= 1
-            self._classes[job.entry.klass].add(job, front=True)
+            self._front.setdefault(job.segment, deque()).appendleft(job)
+            queue = self._classes[job.entry.klass]
+            queue.waiting += 1
+            heapq.heappush(queue.heap, (False, _TOP, job.host, job.segment))
 
     def _pick_host(self, queue: _ClassQueue, now: float) -> Job | None:
-        busy: list[tuple[bool, int, str]] = []  # hosts at their limit or paused, for later
+        busy: list[tuple[bool, int, str, int]] = []  # hosts at their limit or paused, for later
         job = None
         while queue.heap:
             entry = heapq.heappop(queue.heap)
-            host = entry[2]
-            jobs = queue.by_host.get(host)
-            if not jobs:
-                continue  # a leftover entry of a host that has run out
-            rank = self._rank(host, jobs)
+            host, segment = entry[2], entry[3]
+            if not self._left(segment):
+                continue  # a leftover entry of a segment that has run out
+            rank = self._rank(segment)
             if entry != rank:
                 heapq.heappush(queue.heap, rank)
             elif self.hosts.is_down(host):
-                self.dropped.extend(jobs)
-                del queue.by_host[host]
+                self._drop(queue, segment)
             elif not self.hosts.available(host, now):
                 busy.append(entry)
             else:
-                job = jobs.popleft()
-                if jobs:
-                    heapq.heappush(queue.heap, self._rank(host, jobs))
-                else:
-                    del queue.by_host[host]
+                job = self._take(segment)
+                queue.waiting -= 1
+                if self._left(segment):
+                    heapq.heappush(queue.heap, self._rank(segment))
                 break
         for entry in busy:
             heapq.heappush(queue.heap, entry)
         return job
 
-    def _rank(self, host: str, jobs: deque[Job]) -> tuple[bool, int, str]:
-        return (self.hosts.state(host).answers > 0, -len(jobs), host)
+    def _left(self, segment: int) -> int:
+        front = self._front.get(segment)
+        return int(self._end[segment] - self._next[segment]) + (len(front) if front else 0)
+
+    def _rank(self, segment: int) -> tuple[bool, int, str, int]:
+        host = self._host[segment]
+        return (self.hosts.state(host).answers > 0, -self._left(segment), host, segment)
+
+    def _take(self, segment: int) -> Job:
+        """The segment's next job: a retry due first, else its next URL in list order."""
+        front = self._front.get(segment)
+        if front:
+            job = front.popleft()
+            if not front:
+                del self._front[segment]
+            return job
+        position = self._next[segment]
+        self._next[segment] = position + 1
+        return Job(self._load(int(self._indices[position])), self._host[segment], segment)
+
+    def _drop(self, queue: _ClassQueue, segment: int) -> None:
+        """Hand every waiting job of a segment whose host went down to `dropped`."""
+        while self._left(segment):
+            self.dropped.append(self._take(segment))
+            queue.waiting -= 1
 
     def _has_room(self, klass: str) -> bool:
         return self._limit is None or self._ok[klass] + self._in_flight[klass] < self._limit

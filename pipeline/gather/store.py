@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,10 @@ from typing import Any
 from pipeline.fsutil import FILE_MODE, TEMP_SUFFIX, JsonLinesWriter
 from pipeline.gather.options import GatherOptions
 from pipeline.images import ImageDecodeError, decode_image, sniff_extension
-from pipeline.journal import is_final
-from pipeline.urllist import UrlEntry, safe_file_stem
+from pipeline.journal import JournalIndex, final_codes
+from pipeline.urllist import Selection, UrlEntry, safe_file_stem
+
+LOOKUP_BATCH = 65536  # selection entries looked up in the journal index at once
 
 PLACEHOLDER_DIR = ".placeholders"  # hidden: never taken for a class folder
 
@@ -103,10 +107,11 @@ class Collector:
     """
 
     def __init__(self, options: GatherOptions, journal: JsonLinesWriter,
-                 history: dict[str, dict[str, Any]]) -> None:
+                 index: JournalIndex) -> None:
         self.options = options
         self.journal = journal
-        self.history = history
+        self.index = index  # the journal as it was when the run began
+        self.skipped = 0  # selected URLs already final in the journal
         self.this_run: dict[str, Counter[str]] = defaultdict(Counter)
         self.ok_counts: Counter[str] = Counter()
         self.kept: dict[str, dict[str, _Kept]] = defaultdict(dict)  # class -> sha -> image
@@ -114,9 +119,9 @@ class Collector:
         self.placeholders_found = 0
         self._seen: dict[str, tuple[int, str, bool]] = {}  # sha -> (URLs, first URL, >1 URL)
         self._duplicates: dict[str, list[tuple[str, _Kept]]] = defaultdict(list)  # sha -> ...
-        for record in history.values():
-            if record["outcome"] in ("ok", "duplicate"):
-                self._count(record["sha256"], record["url"])
+        for record in index.last_records(options.journal_path,
+                                         frozenset({"ok", "duplicate"})):
+            self._count(record["sha256"], record["url"])
             if record["outcome"] == "duplicate":
                 self._duplicates[record["sha256"]].append((record["class"], _Kept(
                     record["id"], record["wnid"], record["url"], "")))
@@ -126,17 +131,24 @@ class Collector:
                 self.kept[klass][record["sha256"]] = _Kept(
                     record["id"], record.get("wnid", klass), record["url"], record["path"])
 
-    def pending(self, entries: list[UrlEntry]) -> list[UrlEntry]:
-        return [e for e in entries if e.id not in self.history or not is_final(self.history[e.id])]
+    def pending(self, selection: Selection) -> Iterator[tuple[int, UrlEntry]]:
+        """(index, entry) of every selected URL not final in the journal, in list order;
+        the others are counted in `skipped`."""
+        numbered = enumerate(selection)
+        while batch := list(itertools.islice(numbered, LOOKUP_BATCH)):
+            final = final_codes(self.index.lookup(entry.id for _, entry in batch))
+            self.skipped += int(final.sum())
+            yield from itertools.compress(batch, (~final).tolist())
 
-    def recover_unjournaled(self, pending: list[UrlEntry]) -> list[UrlEntry]:
-        """Journal images that a killed run renamed into place but never journaled."""
-        on_disk = _files_by_stem(self.options.out, {e.klass for e in pending})
-        still_pending = []
-        for entry in pending:
+    def recover_unjournaled(self, pending: Iterable[tuple[int, UrlEntry]], classes: set[str]
+                            ) -> Iterator[tuple[int, UrlEntry]]:
+        """Journal images that a killed run renamed into place but never journaled; the
+        rest of `pending` goes on."""
+        on_disk = _files_by_stem(self.options.out, classes)
+        for index, entry in pending:
             path = on_disk.get(target_stem(self.options.out, entry))
             if path is None:
-                still_pending.append(entry)
+                yield index, entry
                 continue
             body = path.read_bytes()
             digest = hashlib.sha256(body).hexdigest()
@@ -146,7 +158,6 @@ class Collector:
                 staged = Staged("not_image", str(problem), len(body), digest)
             self.record(entry, outcome=staged.outcome, final=True, error=staged.error,
                         staged=staged)
-        return still_pending
 
     def record(self, entry: UrlEntry, *, outcome: str, final: bool, error: str = "",
                http_status: int | None = None, attempts: int = 1, seconds: float = 0.0,
