@@ -17,6 +17,7 @@ def test_the_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
+@pytest.mark.slow  # ~10 s: the script starts a Python that imports torch
 def test_without_a_gpu_it_says_so_and_measures_nothing(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
