@@ -218,3 +218,19 @@ def test_read_timeout_fits_the_host_after_a_few_answers():
         book.record("slow", connection_failed=False, started=k, now=k + 3.0 + k % 2)
     assert 4.0 < book.read_timeout("slow", longest=10.0) < 10.0
     assert book.read_timeout("slow", longest=4.0) is None  # never beyond --timeout
+
+
+def test_a_read_timeout_that_fires_doubles_and_never_marks_the_host_down():
+    """A loaded client cuts healthy hosts short: that must correct itself, not kill the host."""
+    book = HostBook(per_host=4, max_failures=2)
+    for k in range(4):
+        book.record("fast", connection_failed=False, started=k, now=k + 0.05)
+    waited = book.read_timeout("fast", longest=60.0)
+    for k in range(5):
+        book.record("fast", connection_failed=False, started=10.0 + k, now=10.0 + k + waited,
+                    cut_short=True)
+        longer = book.read_timeout("fast", longest=60.0)
+        assert longer is not None and longer >= 2 * waited
+        waited = longer
+    assert not book.is_down("fast")
+    assert book.read_timeout("fast", longest=waited) is None  # capped by --timeout

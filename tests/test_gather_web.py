@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -328,7 +329,7 @@ def test_a_body_repeated_across_urls_and_synsets_is_a_placeholder_and_no_copy_st
         assert record["outcome"] == "placeholder" and "placeholders.txt" in record["error"]
 
 
-def test_a_hung_url_on_a_fast_host_is_cut_short_then_fetched_patiently_next_run(
+def test_a_hung_url_on_a_fast_host_is_cut_short_then_fetched_patiently(
         sample, stalling_web, tmp_path):
     web = stalling_web
     wnid = sorted(p.name for p in (sample / "files").iterdir())[0]
@@ -340,10 +341,16 @@ def test_a_hung_url_on_a_fast_host_is_cut_short_then_fetched_patiently_next_run(
     urls = write_list(tmp_path / "urls.txt", lines)
     settings = options(tmp_path / "raw", web, per_host=1, processes=1, timeout=6.0)
     started = time.monotonic()
-    gather_synsets(urls, [wnid], settings)
+    gather_synsets(urls, [wnid], replace(settings, retries=0))
     record = read_journal(tmp_path / "raw" / "gather.jsonl")[f"{wnid}_99"]
     assert record["outcome"] == "timeout" and "usually takes" in record["error"]
     assert record["seconds"] < 3.5  # the host answers in milliseconds: 1 s was enough to tell
     assert time.monotonic() - started < 3.5 + 5
     gather_synsets(urls, [wnid], settings)  # the next run waits the full --timeout
     assert read_journal(tmp_path / "raw" / "gather.jsonl")[f"{wnid}_99"]["outcome"] == "ok"
+
+    # With a retry left, the cut URL is retried at once with the full --timeout.
+    again = tmp_path / "again"
+    gather_synsets(urls, [wnid], replace(settings, out=again))
+    record = read_journal(again / "gather.jsonl")[f"{wnid}_99"]
+    assert record["outcome"] == "ok" and record["attempts"] == 2

@@ -12,8 +12,10 @@ retransmission timeout: the smoothed answer time plus four deviations, at least
 ADAPTIVE_FLOOR seconds (RFC 6298's minimum retransmission timeout), at most --timeout. On a
 host that answers in 50 ms, a request silent for seconds is hung, and waiting the full
 --timeout for each such URL holds a connection that the host's other URLs need. Timeouts are
-transient: the next run tries those URLs again, patiently (the full --timeout), so nothing is
-lost to an impatient first pass.
+nothing is lost to impatience: a URL cut short is retried with the full --timeout (as a retry,
+within --retries), the cut never counts against the host's health, and it doubles the host's
+read timeout (RFC 6298's back-off), so a client slowed by its own machine's load stops cutting
+within a few answers.
 """
 
 from __future__ import annotations
@@ -168,11 +170,14 @@ class HostBook:
         return state is not None and bool(state.down_because)
 
     def record(self, host: str, *, connection_failed: bool, started: float, now: float,
-               error: str = "") -> None:
+               error: str = "", cut_short: bool = False) -> None:
         """Any HTTP answer proves the host alive. A failure counts only if its attempt began
         after the host's last answer: attempts started together (a burst of hung URLs on a
         busy, healthy host) fail together, and that says nothing about the host."""
         state = self.state(host)
+        if cut_short:
+            self._back_off(state, now - started)
+            return
         if not connection_failed:
             state.failures = 0
             state.answered_at = now
@@ -185,6 +190,12 @@ class HostBook:
         if state.failures >= self.max_failures and not state.down_because:
             state.down_because = (f"host down: {state.failures} connection failures in a row "
                                   f"(last: {error})")
+
+    @staticmethod
+    def _back_off(state: HostState, waited: float) -> None:
+        """RFC 6298 5.5: a timer that fired doubles; here the wait it gave becomes the
+        deviation's share, so the next read timeout is at least twice as long."""
+        state.deviation = max(state.deviation, (2 * waited - state.smoothed) / 4)
 
     @staticmethod
     def _time_answer(state: HostState, seconds: float) -> None:

@@ -36,7 +36,8 @@ class Attempt:
     """What one attempt gave. `body` is set only when there is an image left to check.
 
     `connection_failed` feeds host health (refused, DNS, TLS, timeouts, resets); `retry` says
-    whether another attempt in this run can help; `final` whether a later run should try again.
+    whether another attempt in this run can help; `final` whether a later run should try again;
+    `cut_short`: silent for longer than the host's own read timeout, but not the full --timeout.
     """
 
     outcome: str
@@ -47,11 +48,20 @@ class Attempt:
     connection_failed: bool = False
     retry: bool = False
     retry_after: float | None = None
+    cut_short: bool = False
 
 
 def _failed(outcome: str, error: str, *, retry: bool = False,
             connection: bool = True) -> Attempt:
     return Attempt(outcome, final=False, error=error, connection_failed=connection, retry=retry)
+
+
+def _cut_short(read_timeout: float) -> Attempt:
+    """Our impatience, not the host's failure: retried in this run with the full --timeout."""
+    attempt = _failed("timeout", f"no data for {read_timeout:.1f} s, far longer than this host "
+                                 "usually takes", retry=True, connection=False)
+    attempt.cut_short = True
+    return attempt
 
 
 async def fetch_once(session: aiohttp.ClientSession, url: str, options: GatherOptions,
@@ -72,8 +82,7 @@ async def fetch_once(session: aiohttp.ClientSession, url: str, options: GatherOp
         return _failed("unreachable", f"no connection within {options.timeout:g} s (--timeout)")
     except aiohttp.SocketTimeoutError:
         if read_timeout is not None:
-            return _failed("timeout", f"no data for {read_timeout:.1f} s, far longer than this "
-                                      "host usually takes (the next run waits --timeout)")
+            return _cut_short(read_timeout)
         return _failed("timeout", f"no data for {options.timeout:g} s (--timeout)")
     except TimeoutError:
         return _failed("timeout", f"not finished within {options.url_deadline:g} s "

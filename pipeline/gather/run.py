@@ -239,9 +239,9 @@ class _Run:
         pool.flush()
 
     def _read_timeout(self, job: Job) -> float | None:
-        """The host's own read timeout, except for a URL that timed out before: it gets the
-        full --timeout, so a slow image is never cut off run after run."""
-        if self.collector.index.outcome(job.entry.id) == "timeout":
+        """The host's own read timeout, except for a retry or a URL that timed out in an
+        earlier run: they get the full --timeout, so a slow image is never cut off twice."""
+        if job.attempts > 1 or self.collector.index.outcome(job.entry.id) == "timeout":
             return None
         return self.hosts.read_timeout(job.host, self.options.timeout)
 
@@ -253,7 +253,8 @@ class _Run:
         job.seconds += reply.seconds
         job.last_error = attempt.error
         self.hosts.record(job.host, connection_failed=attempt.connection_failed,
-                          started=started, now=time.monotonic(), error=attempt.error)
+                          started=started, now=time.monotonic(), error=attempt.error,
+                          cut_short=attempt.cut_short)
         if (attempt.retry and job.attempts <= self.options.retries and not stopping
                 and not self.hosts.is_down(job.host)):
             self._retry_later(job, attempt)
