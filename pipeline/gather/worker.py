@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import math
 import multiprocessing
+import os
 import signal
 import time
 import zlib
@@ -98,6 +99,11 @@ async def _serve(conn: Connection, options: GatherOptions, per_host: int) -> Non
                     closed.set_result(None)
 
             loop.add_reader(conn.fileno(), on_readable)
+            # uvloop makes a watched fd non-blocking: a batch still arriving would then end the
+            # worker (BlockingIOError is an OSError) and a reply batch could be lost. Blocking
+            # is safe: a batch in either direction is bounded by the worker's capacity, far
+            # below the socket's buffer, so a send or recv only waits for the rest of a message.
+            os.set_blocking(conn.fileno(), True)
             await closed
             loop.remove_reader(conn.fileno())
             for task in tasks:
