@@ -234,3 +234,28 @@ def test_a_read_timeout_that_fires_doubles_and_never_marks_the_host_down():
         waited = longer
     assert not book.is_down("fast")
     assert book.read_timeout("fast", longest=waited) is None  # capped by --timeout
+
+
+def test_scheduler_holds_indices_and_reads_an_entry_back_only_when_it_is_handed_out():
+    work = entries("a", ["h1", "h2"], 50) + entries("b", ["h1"], 50)
+    loaded = []
+
+    def load(index: int) -> UrlEntry:
+        loaded.append(index)
+        return work[index]
+
+    book = HostBook(per_host=2, max_failures=5)
+    scheduler = Scheduler(((i, e.klass, host_key(e.url)) for i, e in enumerate(work)), load,
+                          Counter(), None, book)
+    assert scheduler.total == 150 and not loaded
+    assert scheduler._indices.nbytes == 8 * 150 and len(scheduler._host) == 3  # 3 segments
+    jobs = [scheduler.next(0.0) for _ in range(4)]
+    assert len(loaded) == 4 and [j.entry.id for j in jobs[:2]] == ["a_h1_0", "b_h1_0"]
+    book.record("h2", connection_failed=True, started=0.0, now=1.0, error="refused")
+    book.state("h2").down_because = "down"
+    for job in jobs:
+        scheduler.finished(job)
+    while scheduler.next(2.0) is not None:
+        pass
+    taken = sum(j.host == "h2" for j in jobs)
+    assert [j.entry.id for j in scheduler.dropped] == [f"a_h2_{k}" for k in range(taken, 50)]

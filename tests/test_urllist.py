@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.errors import InputError
@@ -8,6 +9,7 @@ from pipeline.urllist import (
     MalformedLine,
     UrlEntry,
     UrlLine,
+    _repeated_ids,
     check_wnid,
     encode_url,
     parse_url_line,
@@ -195,3 +197,30 @@ def test_an_unchanged_url_list_keeps_its_mtime_so_make_redoes_nothing(sample, tm
     assert urls.stat().st_mtime == 1_000_000_000
     make_sample.build_url_list(sample, "http://127.0.0.1:9999", urls)
     assert urls.stat().st_mtime != 1_000_000_000 and ":9999/" in urls.read_text()
+
+
+def test_the_selection_waits_on_disk_with_8_bytes_per_url_in_memory(tmp_path):
+    lines = [f"n00000001_{k}\thttp://h{k % 3}.example/{k}.jpg" for k in range(1000)]
+    urls = write(tmp_path / "urls.txt", "\n".join(lines + ["n00000001_5\thttp://x/again.jpg",
+                                                           "n00000002_1\thttp://a/b.jpg"]) + "\n")
+    with select_urls(urls, {"n00000001": "n00000001", "n00000002": "n00000001"},
+                     tmp_path) as selection:
+        assert len(selection) == 1001 and selection.offsets.nbytes == 8 * 1002
+        assert selection.duplicate_examples == [(1001, "n00000001_5")]
+        assert selection.entry(5).url == "http://h2.example/5.jpg"  # the first line won
+        assert selection.entry(1000) == UrlEntry("n00000002_1", "n00000002", "http://a/b.jpg",
+                                                 "n00000001")
+        assert [e.id for e in selection][:2] == ["n00000001_0", "n00000001_1"]
+        selection.keep_only(lambda index, entry: index % 2 == 0 and entry.wnid == "n00000001")
+        assert len(selection) == 500 and selection.entry(1).id == "n00000001_2"
+        assert selection.classes == {"n00000001"}
+        assert not list(tmp_path.glob("tmp*"))  # the spool has no name: a kill leaves nothing
+    assert selection.spool.closed
+
+
+def test_equal_hashes_are_only_candidates_for_a_repeated_id():
+    ids = ["a", "b", "a", "c", "b", "a"]
+    entry = [UrlEntry(i, "n", "http://x/", "n") for i in ids].__getitem__
+    colliding = np.zeros(len(ids), np.int64)  # every hash the same: ids decide
+    assert _repeated_ids(colliding, entry).tolist() == [2, 4, 5]
+    assert _repeated_ids(np.arange(len(ids), dtype=np.int64), entry).tolist() == []

@@ -27,7 +27,7 @@ from pipeline.images import ImageDecodeError, decode_image, sniff_extension
 from pipeline.journal import JournalIndex, final_codes
 from pipeline.urllist import Selection, UrlEntry, safe_file_stem
 
-LOOKUP_BATCH = 65536  # selection entries looked up in the journal index at once
+LOOKUP_BATCH = 4096  # entries looked up in the journal index at once (as objects: keep it small)
 
 PLACEHOLDER_DIR = ".placeholders"  # hidden: never taken for a class folder
 
