@@ -146,7 +146,7 @@ def test_scheduler_drops_the_queue_of_a_down_host_and_pauses_only_the_throttled_
         started.append(job.host)
         scheduler.finished(job)
     assert started == ["fine", "fine"]
-    assert sorted(j.entry.id for j in scheduler.dropped) == ["a_dead_1", "a_dead_2"]
+    assert sorted(j.entry.id for j in scheduler.take_dropped()) == ["a_dead_1", "a_dead_2"]
     assert scheduler.next_due(2.0) == 30.0
     assert scheduler.next(30.0).host == "slow"
 
@@ -258,4 +258,8 @@ def test_scheduler_holds_indices_and_reads_an_entry_back_only_when_it_is_handed_
     while scheduler.next(2.0) is not None:
         pass
     taken = sum(j.host == "h2" for j in jobs)
-    assert [j.entry.id for j in scheduler.dropped] == [f"a_h2_{k}" for k in range(taken, 50)]
+    before = len(loaded)  # the dropped URLs are not read back until taken
+    assert sum(host_key(work[i].url) == "h2" for i in loaded) == taken
+    dropped = list(scheduler.take_dropped())
+    assert [j.entry.id for j in dropped] == [f"a_h2_{k}" for k in range(taken, 50)]
+    assert len(loaded) == before + len(dropped) and not list(scheduler.take_dropped())

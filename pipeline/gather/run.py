@@ -279,8 +279,7 @@ class _Run:
         self.progress.update(count="ok" if outcome == "ok" else "failed")
 
     def _journal_dropped(self) -> None:
-        dropped, self.scheduler.dropped = self.scheduler.dropped, []
-        for job in dropped:
+        for job in self.scheduler.take_dropped():
             reason = self.hosts.state(job.host).down_because
             self._journal(job, Attempt("host_down", final=False, error=reason))
 

@@ -9,7 +9,7 @@ host with the most URLs left that may take one more (longest queue first): the b
 while the free slots go to the others. A class with
 `limit - ok` URLs in flight (or waiting to be retried) gets no new one until one of them fails,
 so `--limit N` yields exactly N images without over-fetching. URLs of a host that went down
-are handed back through `dropped` without being requested.
+are handed back through `take_dropped` without being requested.
 
 Waiting URLs are held compactly (a run may queue 1.4 million): one array of their indices in
 the selection, grouped by (class, host) into segments, 8 bytes per URL and a heap entry per
@@ -24,7 +24,7 @@ import itertools
 import sys
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +83,8 @@ class Scheduler:
         self._delayed: list[tuple[float, int, Job]] = []
         self._sequence = itertools.count()
         self._front: dict[int, deque[Job]] = {}  # segment -> retries due, before the rest
-        self.dropped: list[Job] = []  # jobs of hosts that went down, to be journaled
+        # Segments of hosts that went down, to be journaled: (segment, retries, start, end).
+        self._dropped: deque[tuple[int, deque[Job], int, int]] = deque()
 
     def _build(self, work: Iterable[tuple[int, str, str]]) -> None:
         """Sort the waiting URLs by (class, host, list order) into segments."""
@@ -215,10 +216,21 @@ class Scheduler:
         return Job(self._load(int(self._indices[position])), self._host[segment], segment)
 
     def _drop(self, queue: _ClassQueue, segment: int) -> None:
-        """Hand every waiting job of a segment whose host went down to `dropped`."""
-        while self._left(segment):
-            self.dropped.append(self._take(segment))
-            queue.waiting -= 1
+        """Set aside every waiting URL of a segment whose host went down, as a range: one
+        `next` may drop hundreds of thousands (every class's share of the dead hosts)."""
+        front = self._front.pop(segment, deque())
+        start, end = int(self._next[segment]), int(self._end[segment])
+        self._next[segment] = end
+        queue.waiting -= len(front) + end - start
+        self._dropped.append((segment, front, start, end))
+
+    def take_dropped(self) -> Iterator[Job]:
+        """The jobs of hosts that went down, read back one at a time (to be journaled)."""
+        while self._dropped:
+            segment, front, start, end = self._dropped.popleft()
+            yield from front
+            for position in range(start, end):
+                yield Job(self._load(int(self._indices[position])), self._host[segment], segment)
 
     def _has_room(self, klass: str) -> bool:
         return self._limit is None or self._ok[klass] + self._in_flight[klass] < self._limit
