@@ -102,14 +102,13 @@ class JournalIndex:
             keys.append(hash(record["id"]))
             codes.append(_code(record))
             offsets.append(offset)
-        all_keys = np.asarray(keys, np.int64)
+        all_keys = np.frombuffer(keys, np.int64)  # views, not copies: the peak is what counts
         order = np.argsort(all_keys, kind="stable")
-        ordered = all_keys[order]
         last = np.ones(len(order), bool)  # the last line of each id wins
-        last[:-1] = ordered[1:] != ordered[:-1]
+        last[:-1] = all_keys[order[1:]] != all_keys[order[:-1]]
         order = order[last]
-        return cls(all_keys[order], np.frombuffer(codes, np.uint8)[order].copy(),
-                   np.asarray(offsets, np.int64)[order])
+        return cls(all_keys[order], np.frombuffer(codes, np.uint8)[order],
+                   np.frombuffer(offsets, np.int64)[order])
 
     def __len__(self) -> int:
         return len(self.keys)
