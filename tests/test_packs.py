@@ -3,6 +3,7 @@ pack that was killed midway. Real files throughout (the session's synthetic samp
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,9 +40,12 @@ SPEC = InputSpec(crop=64, resize=SIZE)
 
 @pytest.fixture(scope="module")
 def manifests(sample, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("manifests")
-    label(sample / "files", out, val_ratio=0.25)
-    return out
+    """Labelled from a copy: label writes its hash cache into the folder it reads, and the
+    session's sample is shared with tests that expect only class folders there."""
+    base = tmp_path_factory.mktemp("labelled")
+    shutil.copytree(sample / "files", base / "files")
+    label(base / "files", base / "manifests", val_ratio=0.25)
+    return base / "manifests"
 
 
 @pytest.fixture(scope="module")
