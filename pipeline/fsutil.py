@@ -93,7 +93,8 @@ class JsonLinesWriter:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._terminate_torn_tail(path)
-        self._handle: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self._handle: IO[bytes] = open(path, "ab")  # noqa: SIM115
+        self.offset = self._handle.tell()  # where the next line begins: records point here
 
     @staticmethod
     def _terminate_torn_tail(path: Path) -> None:
@@ -105,9 +106,14 @@ class JsonLinesWriter:
             if handle.read(1) != b"\n":
                 handle.write(b"\n")
 
-    def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def write(self, record: dict[str, Any]) -> int:
+        """Append one record; the offset of its line, to read it back later."""
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        offset = self.offset
+        self._handle.write(line)
         self._handle.flush()
+        self.offset += len(line)
+        return offset
 
     def close(self) -> None:
         self._handle.close()

@@ -56,7 +56,7 @@ def test_the_index_holds_each_ids_last_outcome_and_reads_whole_records_back(tmp_
     codes = index.lookup(["a", "b", "c", "d", "e", "nowhere"])
     assert final_codes(codes).tolist() == [True, True, False, True, False, False]
     assert outcome_of(int(codes[4])) is None and codes[4] == UNKNOWN
-    back = list(index.last_records(path, frozenset({"ok", "duplicate"})))
+    back = [record for _, record in index.last_records(path, frozenset({"ok", "duplicate"}))]
     assert [(r["id"], r.get("sha256")) for r in back] == [("a", "y"), ("d", None)]
     assert len(JournalIndex.read(tmp_path / "none.jsonl")) == 0
 

@@ -171,20 +171,26 @@ def gather(selection: Selection, options: GatherOptions) -> GatherReport:
     started = time.monotonic()
     report = GatherReport()
     with JsonLinesWriter(options.journal_path) as journal:
-        collector = Collector(options, journal, JournalIndex.read(options.journal_path))
-        pending = collector.recover_unjournaled(collector.pending(selection), selection.classes)
-        hosts = HostBook(effective_per_host(options), options.host_failures)
-        scheduler = Scheduler(((index, entry.klass, host_key(entry.url))
-                               for index, entry in pending),
-                              selection.entry, collector.ok_counts, options.limit, hosts)
-        report.skipped = collector.skipped
-        if scheduler.total:
-            _Run(scheduler, options, collector, report).drive()
-        report.this_run = collector.this_run
-        report.placeholders_found = collector.placeholders_found
+        _fetch(selection, options, journal, report)
     _fill_overall(report, selection, JournalIndex.read(options.journal_path))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _fetch(selection: Selection, options: GatherOptions, journal: JsonLinesWriter,
+           report: GatherReport) -> None:
+    """Fetch what the journal does not hold yet. Its own function so that the run's index,
+    queues and collector are freed before the summary indexes the longer journal."""
+    collector = Collector(options, journal, JournalIndex.read(options.journal_path))
+    pending = collector.recover_unjournaled(collector.pending(selection), selection.classes)
+    hosts = HostBook(effective_per_host(options), options.host_failures)
+    scheduler = Scheduler(((index, entry.klass, host_key(entry.url)) for index, entry in pending),
+                          selection.entry, collector.ok_counts, options.limit, hosts)
+    report.skipped = collector.skipped
+    if scheduler.total:
+        _Run(scheduler, options, collector, report).drive()
+    report.this_run = collector.this_run
+    report.placeholders_found = collector.placeholders_found
 
 
 class _Run:

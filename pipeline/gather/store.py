@@ -15,21 +15,26 @@ import hashlib
 import itertools
 import os
 import time
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.fsutil import FILE_MODE, TEMP_SUFFIX, JsonLinesWriter
+from pipeline.gather.digests import DigestRows
 from pipeline.gather.options import GatherOptions
 from pipeline.images import ImageDecodeError, decode_image, sniff_extension
-from pipeline.journal import JournalIndex, final_codes
+from pipeline.journal import JournalIndex, final_codes, read_records
 from pipeline.urllist import Selection, UrlEntry, safe_file_stem
 
 LOOKUP_BATCH = 4096  # entries looked up in the journal index at once (as objects: keep it small)
 
 PLACEHOLDER_DIR = ".placeholders"  # hidden: never taken for a class folder
+_COPIES = frozenset({"ok", "duplicate"})  # outcomes whose bytes later images are checked against
 
 
 @dataclass
@@ -86,16 +91,6 @@ def image_problem(body: bytes, min_size: int) -> ImageDecodeError | None:
     return None
 
 
-@dataclass
-class _Kept:
-    """An image kept for a class: enough to take it back if its bytes prove a placeholder."""
-
-    id: str
-    wnid: str
-    url: str
-    path: str  # relative to the output root
-
-
 class Collector:
     """Keeps or drops staged images and journals every outcome (coordinator side).
 
@@ -104,6 +99,9 @@ class Collector:
     found" picture, not a photo. Every copy is then taken back (one kept under
     OUT/.placeholders/ for inspection, the journal corrected), and the digest is remembered
     in OUT/placeholders.txt so resumes and later runs reject it at once.
+
+    The images kept so far (and their duplicates) are held as `DigestRows`, digest prefixes
+    pointing at journal lines, not as objects: 1.3 million of them stay a few tens of MB.
     """
 
     def __init__(self, options: GatherOptions, journal: JsonLinesWriter,
@@ -114,22 +112,14 @@ class Collector:
         self.skipped = 0  # selected URLs already final in the journal
         self.this_run: dict[str, Counter[str]] = defaultdict(Counter)
         self.ok_counts: Counter[str] = Counter()
-        self.kept: dict[str, dict[str, _Kept]] = defaultdict(dict)  # class -> sha -> image
+        self.copies = DigestRows()  # the journal lines of kept and duplicate images
         self.placeholders = read_placeholders(options.placeholders_path)
         self.placeholders_found = 0
-        self._seen: dict[str, tuple[int, str, bool]] = {}  # sha -> (URLs, first URL, >1 URL)
-        self._duplicates: dict[str, list[tuple[str, _Kept]]] = defaultdict(list)  # sha -> ...
-        for record in index.last_records(options.journal_path,
-                                         frozenset({"ok", "duplicate"})):
-            self._count(record["sha256"], record["url"])
-            if record["outcome"] == "duplicate":
-                self._duplicates[record["sha256"]].append((record["class"], _Kept(
-                    record["id"], record["wnid"], record["url"], "")))
-            if record["outcome"] == "ok":
-                klass = record.get("class", record.get("wnid", ""))
-                self.ok_counts[klass] += 1
-                self.kept[klass][record["sha256"]] = _Kept(
-                    record["id"], record.get("wnid", klass), record["url"], record["path"])
+        self._placeholder_urls: dict[str, int] = {}  # digest -> URLs when found this run
+        for offset, record in index.last_records(options.journal_path, _COPIES):
+            if record.get("sha256"):
+                self.copies.add(record["sha256"], offset)
+            self.ok_counts[_class_of(record)] += record["outcome"] == "ok"
 
     def pending(self, selection: Selection) -> Iterator[tuple[int, UrlEntry]]:
         """(index, entry) of every selected URL not final in the journal, in list order;
@@ -144,20 +134,27 @@ class Collector:
                             ) -> Iterator[tuple[int, UrlEntry]]:
         """Journal images that a killed run renamed into place but never journaled; the
         rest of `pending` goes on."""
-        on_disk = _files_by_stem(self.options.out, classes)
-        for index, entry in pending:
-            path = on_disk.get(target_stem(self.options.out, entry))
-            if path is None:
-                yield index, entry
-                continue
-            body = path.read_bytes()
-            digest = hashlib.sha256(body).hexdigest()
-            staged = Staged("ok", "found on disk", len(body), digest, path=str(path))
-            problem = image_problem(body, self.options.min_size)
-            if problem is not None:  # cannot happen unless the file changed since
-                staged = Staged("not_image", str(problem), len(body), digest)
-            self.record(entry, outcome=staged.outcome, final=True, error=staged.error,
-                        staged=staged)
+        on_disk = StemIndex.scan(self.options.out, classes)
+        numbered = iter(pending)
+        while batch := list(itertools.islice(numbered, LOOKUP_BATCH)):
+            stems = [str(target_stem(self.options.out, entry)) for _, entry in batch]
+            for (index, entry), stem, found in zip(batch, stems, on_disk.contains(stems),
+                                                    strict=True):
+                path = _file_of(stem) if found else None
+                if path is None:
+                    yield index, entry
+                else:
+                    self._recover(entry, path)
+
+    def _recover(self, entry: UrlEntry, path: Path) -> None:
+        body = path.read_bytes()
+        digest = hashlib.sha256(body).hexdigest()
+        staged = Staged("ok", "found on disk", len(body), digest, path=str(path))
+        problem = image_problem(body, self.options.min_size)
+        if problem is not None:  # cannot happen unless the file changed since
+            staged = Staged("not_image", str(problem), len(body), digest)
+        self.record(entry, outcome=staged.outcome, final=True, error=staged.error,
+                    staged=staged)
 
     def record(self, entry: UrlEntry, *, outcome: str, final: bool, error: str = "",
                http_status: int | None = None, attempts: int = 1, seconds: float = 0.0,
@@ -174,77 +171,101 @@ class Collector:
                           bytes=staged.size, sha256=staged.sha256)
             if staged.outcome == "ok":
                 self._keep_or_drop(entry, staged, record)
-        self._write(entry.klass, record)
+        offset = self._write(entry.klass, record)
+        if record["outcome"] in _COPIES and record["sha256"]:
+            self.copies.add(record["sha256"], offset)
         return record["outcome"]
 
-    def _write(self, klass: str, record: dict[str, Any]) -> None:
-        self.journal.write(record)
+    def _write(self, klass: str, record: dict[str, Any]) -> int:
+        offset = self.journal.write(record)
         self.this_run[klass][record["outcome"]] += 1
         self.ok_counts[klass] += record["outcome"] == "ok"
+        return offset
 
     def _keep_or_drop(self, entry: UrlEntry, staged: Staged, record: dict[str, Any]) -> None:
         digest = staged.sha256
-        if digest not in self.placeholders and self._count(digest, entry.url):
-            self._declare_placeholder(digest, staged)
+        copies = [] if digest in self.placeholders else self._copies_of(digest)
+        if self._makes_placeholder(digest, copies, entry.url):
+            self._declare_placeholder(digest, staged, copies)
         if digest in self.placeholders:
             self._discard(staged)
             record.update(outcome="placeholder",
                           error=f"repeated body: the same bytes came for "
-                                f"{self._seen.get(digest, (0,))[0] or 'many'} URLs "
+                                f"{self._placeholder_urls.get(digest) or 'many'} URLs "
                                 f"(listed in {self.options.placeholders_path.name})")
             return
-        first = self.kept[entry.klass].get(digest)
-        if first is not None and first.id != entry.id:
+        first = next(((offset, copy) for offset, copy in copies if copy["outcome"] == "ok"
+                      and _class_of(copy) == entry.klass), None)
+        if first is not None and first[1]["id"] != entry.id:
             self._discard(staged)  # our own temp copy of bytes already kept
-            record.update(outcome="duplicate", error=f"same bytes as {first.id}")
-            self._duplicates[digest].append((entry.klass, _Kept(entry.id, entry.wnid,
-                                                                entry.url, "")))
+            record.update(outcome="duplicate", error=f"same bytes as {first[1]['id']}")
             return
+        if first is not None:  # the same id kept again: its new line replaces the old
+            self.copies.remove(digest, first[0])
         assert staged.path is not None
         if staged.temp:
             os.replace(staged.temp, staged.path)
-        path = Path(staged.path).relative_to(self.options.out).as_posix()
-        self.kept[entry.klass][digest] = _Kept(entry.id, entry.wnid, entry.url, path)
-        record["path"] = path
+        record["path"] = Path(staged.path).relative_to(self.options.out).as_posix()
+
+    def _copies_of(self, digest: str) -> list[tuple[int, dict[str, Any]]]:
+        """(offset, record) of every kept or duplicate image with these bytes, read back from
+        the journal (none is read for bytes never seen before: the usual case)."""
+        offsets = self.copies.offsets_of(digest)
+        if not offsets:
+            return []
+        return [(offset, record) for offset, record
+                in read_records(self.options.journal_path, offsets)
+                if record.get("sha256") == digest]
+
+    def _makes_placeholder(self, digest: str, copies: list[tuple[int, dict[str, Any]]],
+                           url: str) -> bool:
+        """True when these bytes, with this URL, came for placeholder_after URLs, not all
+        the same (a URL listed twice is one image)."""
+        after, count = self.options.placeholder_after, len(copies) + 1
+        if not after or count < after or all(copy["url"] == url for _, copy in copies):
+            return False
+        self._placeholder_urls[digest] = count
+        return True
 
     @staticmethod
     def _discard(staged: Staged) -> None:
         if staged.temp:
             os.unlink(staged.temp)
 
-    def _count(self, digest: str, url: str) -> bool:
-        """Count one more URL for these bytes; True when that makes them a placeholder."""
-        count, first_url, several = self._seen.get(digest, (0, url, False))
-        count, several = count + 1, several or url != first_url
-        self._seen[digest] = (count, first_url, several)
-        after = self.options.placeholder_after
-        return bool(after) and count >= after and several
-
-    def _declare_placeholder(self, digest: str, staged: Staged) -> None:
+    def _declare_placeholder(self, digest: str, staged: Staged,
+                             copies: list[tuple[int, dict[str, Any]]]) -> None:
         """Remember the digest, then take back every copy kept so far."""
         self.placeholders.add(digest)
         self.placeholders_found += 1
         with open(self.options.placeholders_path, "a", encoding="utf-8") as handle:
             handle.write(f"{digest}\n")
         sample = self.options.out / PLACEHOLDER_DIR / f"{digest}{Path(staged.path or '').suffix}"
-        taken_back = self._duplicates.pop(digest, [])
-        for klass, kept in self.kept.items():
-            image = kept.pop(digest, None)
-            if image is None:
-                continue
-            path = self.options.out / image.path
-            sample.parent.mkdir(exist_ok=True)
-            if path.exists():
-                os.replace(path, sample)  # identical bytes: one copy stays for inspection
-            self.ok_counts[klass] -= 1
-            taken_back.append((klass, image))
-        for klass, image in taken_back:
+        for offset, copy in copies:
+            self.copies.remove(digest, offset)
+            klass = _class_of(copy)
+            if copy["outcome"] == "ok":
+                self._set_aside(self.options.out / copy["path"], sample)
+                self.ok_counts[klass] -= 1
+        for _, copy in copies:
+            klass = _class_of(copy)
             self._write(klass, {
-                "id": image.id, "wnid": image.wnid, "class": klass, "url": image.url,
-                "outcome": "placeholder", "final": True, "http_status": None,
-                "bytes": staged.size, "sha256": digest, "path": None,
+                "id": copy["id"], "wnid": copy.get("wnid", klass), "class": klass,
+                "url": copy["url"], "outcome": "placeholder", "final": True,
+                "http_status": None, "bytes": staged.size, "sha256": digest, "path": None,
                 "error": f"repeated body, found later (a copy is in {PLACEHOLDER_DIR}/)",
                 "attempts": 0, "seconds": 0.0, "time": round(time.time(), 3)})
+
+    @staticmethod
+    def _set_aside(path: Path, sample: Path) -> None:
+        """Identical bytes: one copy stays under .placeholders/ for inspection."""
+        sample.parent.mkdir(exist_ok=True)
+        if path.exists():
+            os.replace(path, sample)
+
+
+def _class_of(record: dict[str, Any]) -> str:
+    """A record's class; records written before hyponyms had only their wnid."""
+    return record.get("class", record.get("wnid", ""))
 
 
 def read_placeholders(path: Path) -> set[str]:
@@ -255,14 +276,49 @@ def read_placeholders(path: Path) -> set[str]:
             if line.strip()}
 
 
-def _files_by_stem(out: Path, classes: set[str]) -> dict[Path, Path]:
-    """Stem path (see target_stem) -> file, for every image already in the class folders."""
-    found: dict[Path, Path] = {}
-    for klass in classes:
-        folder = out / klass
-        if not folder.is_dir():
-            continue
-        for path in folder.rglob("*"):
-            if path.is_file() and not path.name.startswith("."):
-                found[path.with_suffix("")] = path
-    return found
+class StemIndex:
+    """The files already in the class folders, as hashes of their stems (see target_stem):
+    8 bytes a file, listed folder by folder, to spot the few a killed run never journaled."""
+
+    def __init__(self, hashes: np.ndarray) -> None:
+        self.hashes = hashes
+
+    @classmethod
+    def scan(cls, out: Path, classes: Iterable[str]) -> StemIndex:
+        hashes = array("q")
+        for klass in classes:
+            hashes.extend(hash(stem) for stem in _stems(str(out / klass)))
+        return cls(np.sort(np.frombuffer(hashes, np.int64)) if hashes
+                   else np.empty(0, np.int64))
+
+    def contains(self, stems: list[str]) -> list[bool]:
+        """Whether a file may have each stem (a hash shared by chance costs a look)."""
+        if not len(self.hashes):
+            return [False] * len(stems)
+        wanted = np.fromiter((hash(stem) for stem in stems), np.int64, len(stems))
+        where = np.searchsorted(self.hashes, wanted).clip(max=len(self.hashes) - 1)
+        return (self.hashes[where] == wanted).tolist()
+
+
+def _stems(folder: str) -> Iterator[str]:
+    """The stem path of every visible file under `folder`, streamed (os.scandir)."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _stems(entry.path)
+        elif entry.is_file() and not entry.name.startswith("."):
+            yield os.path.splitext(entry.path)[0]
+
+
+def _file_of(stem: str) -> Path | None:
+    """The file with this stem (any extension), or None when only its hash matched."""
+    folder, name = os.path.split(stem)
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if (entry.is_file() and not entry.name.startswith(".")
+                    and os.path.splitext(entry.name)[0] == name):
+                return Path(entry.path)
+    return None

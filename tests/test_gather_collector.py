@@ -1,0 +1,177 @@
+"""The collector's compact bookkeeping: kept images as digest prefixes pointing into the
+journal (DigestRows), files on disk as stem hashes (StemIndex), the journal indexed in batches;
+duplicates, placeholder take-back and recovery of unjournaled files read back from the
+journal."""
+
+import hashlib
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import journal as journal_module
+from pipeline.fsutil import JsonLinesWriter
+from pipeline.gather import digests
+from pipeline.gather.digests import DigestRows, digest_key
+from pipeline.gather.options import GatherOptions
+from pipeline.gather.store import Collector, Staged, StemIndex, target_stem
+from pipeline.journal import JournalIndex, read_journal, read_records
+from pipeline.urllist import UrlEntry
+
+from imagefiles import write_image
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_digest_rows_find_every_offset_of_a_digest_across_merges(monkeypatch):
+    monkeypatch.setattr(digests, "MERGE_AT", 4)
+    rows = DigestRows()
+    for offset in range(10):
+        rows.add(sha(f"image {offset % 3}"), offset)
+    assert len(rows) == 10 and len(rows.keys) == 8  # two merges, two rows still recent
+    assert rows.offsets_of(sha("image 0")) == [0, 3, 6, 9]
+    assert rows.offsets_of(sha("image 1")) == [1, 4, 7]
+    assert rows.offsets_of(sha("never seen")) == []
+    rows.remove(sha("image 0"), 3)  # in the arrays: a tombstone until the next merge
+    rows.remove(sha("image 0"), 9)  # recent
+    rows.remove(sha("image 0"), 99)  # not held: nothing happens
+    assert rows.offsets_of(sha("image 0")) == [0, 6]
+    for offset in range(10, 14):
+        rows.add(sha("image 0"), offset)
+    assert rows.offsets_of(sha("image 0")) == [0, 6, 10, 11, 12, 13]
+    assert np.all(np.diff(rows.keys) >= 0) and -1 not in rows.offsets.tolist()
+
+
+def test_digest_rows_share_a_prefix_without_mixing_offsets_up():
+    rows = DigestRows()
+    first, second = "a" * 15 + "0" * 49, "a" * 15 + "f" * 49  # same 60-bit key
+    assert digest_key(first) == digest_key(second)
+    rows.add(first, 1)
+    rows.add(second, 2)
+    assert rows.offsets_of(first) == [1, 2]  # both candidates: the caller compares digests
+
+
+@pytest.mark.slow  # ~10 s: tracemalloc traces a million adds
+def test_a_million_kept_images_take_about_16_bytes_each():
+    rows = DigestRows()
+    tracemalloc.start()
+    try:
+        for offset in range(1_000_000):
+            rows.add(f"{offset * 2654435761 % 2**60:015x}", offset * 300)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rows.keys.nbytes + rows.offsets.nbytes <= 16 * 1_000_000
+    assert peak < 40 * 2**20, f"{peak / 2**20:.0f} MiB"  # measured 29; as objects: hundreds
+
+
+def test_the_journal_is_indexed_in_batches_and_the_last_line_still_wins(tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(journal_module, "READ_BATCH", 3)
+    path = tmp_path / "gather.jsonl"
+    outcomes = [("a", "timeout"), ("b", "ok"), ("c", "unreachable"), ("a", "dead"),
+                ("d", "ok"), ("b", "placeholder"), ("e", "timeout"), ("c", "ok")]
+    with JsonLinesWriter(path) as journal:
+        offsets = [journal.write({"id": i, "outcome": o}) for i, o in outcomes]
+    index = JournalIndex.read(path)
+    assert len(index) == 5
+    assert [index.outcome(i) for i in "abcde"] == ["dead", "placeholder", "ok", "ok", "timeout"]
+    assert np.all(np.diff(index.keys) > 0)
+    assert [r["id"] for _, r in read_records(path, offsets)] == [i for i, _ in outcomes]
+    assert [o for o, _ in index.last_records(path, frozenset({"ok"}))] == [offsets[4],
+                                                                          offsets[7]]
+
+
+def test_files_on_disk_are_held_as_stem_hashes(tmp_path):
+    (tmp_path / "n1" / "n2").mkdir(parents=True)
+    for name in ("n1/a.jpg", "n1/.b.jpg.part", "n1/n2/c.png"):
+        (tmp_path / name).write_bytes(b"x")
+    found = StemIndex.scan(tmp_path, ["n1", "n9"])
+    assert len(found.hashes) == 2
+    assert found.contains([str(tmp_path / "n1" / "a"), str(tmp_path / "n1" / "n2" / "c"),
+                           str(tmp_path / "n1" / "b")]) == [True, True, False]
+    assert StemIndex.scan(tmp_path, ["n9"]).contains(["x"]) == [False]
+
+
+def entry(number: int, klass: str = "n1", url: str = "") -> UrlEntry:
+    return UrlEntry(f"{klass}_{number}", klass, url or f"http://h{number}/{number}.jpg", klass)
+
+
+def staged(out: Path, item: UrlEntry, body: bytes) -> Staged:
+    """What a worker hands back: the body in its temp file beside its final name."""
+    path = f"{target_stem(out, item)}.jpg"
+    temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.part")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Path(temp).write_bytes(body)
+    return Staged("ok", "", len(body), hashlib.sha256(body).hexdigest(), temp, path)
+
+
+def collect(options: GatherOptions, bodies: list[tuple[UrlEntry, bytes]]) -> Collector:
+    with JsonLinesWriter(options.journal_path) as journal:
+        collector = Collector(options, journal, JournalIndex.read(options.journal_path))
+        for item, body in bodies:
+            collector.record(item, outcome="ok", final=True,
+                             staged=staged(options.out, item, body))
+    return collector
+
+
+def test_duplicates_are_found_per_class_and_across_a_resume(tmp_path):
+    options = GatherOptions(out=tmp_path, placeholder_after=0)
+    collect(options, [(entry(1), b"one"), (entry(2), b"two"), (entry(3), b"one"),
+                      (entry(4, "n2"), b"one")])
+    collector = collect(options, [(entry(5), b"two"), (entry(6), b"three")])
+    journal = read_journal(options.journal_path)
+    assert {i: r["outcome"] for i, r in journal.items()} == {
+        "n1_1": "ok", "n1_2": "ok", "n1_3": "duplicate", "n2_4": "ok", "n1_5": "duplicate",
+        "n1_6": "ok"}
+    assert journal["n1_5"]["error"] == "same bytes as n1_2"
+    assert sorted(p.name for p in tmp_path.rglob("*.jpg")) == ["n1_1.jpg", "n1_2.jpg",
+                                                              "n1_6.jpg", "n2_4.jpg"]
+    assert collector.ok_counts == {"n1": 3, "n2": 1}
+    assert len(collector.copies) == 6
+
+
+def test_a_placeholder_takes_back_every_copy_kept_before_it_even_from_an_earlier_run(tmp_path):
+    options = GatherOptions(out=tmp_path, placeholder_after=4)
+    collect(options, [(entry(1), b"generic"), (entry(2), b"photo"), (entry(3), b"generic")])
+    collector = collect(options, [(entry(4, "n2"), b"generic"), (entry(5), b"generic")])
+    journal = read_journal(options.journal_path)
+    assert {i: r["outcome"] for i, r in journal.items()} == {
+        "n1_1": "placeholder", "n1_2": "ok", "n1_3": "placeholder", "n2_4": "placeholder",
+        "n1_5": "placeholder"}
+    assert "4 URLs" in journal["n1_5"]["error"]
+    assert [p.name for p in tmp_path.glob("n*/*.jpg")] == ["n1_2.jpg"]
+    digest = sha("generic")
+    assert [p.stem for p in (tmp_path / ".placeholders").iterdir()] == [digest]
+    assert (tmp_path / "placeholders.txt").read_text().split() == [digest]
+    assert collector.ok_counts == {"n1": 1, "n2": 0}
+    assert collector.copies.offsets_of(digest) == []
+    lines = [json.loads(line) for line in options.journal_path.read_text().splitlines()]
+    assert sum(r["outcome"] == "placeholder" for r in lines) == 4
+
+
+def test_the_same_url_twice_is_no_placeholder(tmp_path):
+    options = GatherOptions(out=tmp_path, placeholder_after=2)
+    same = "http://h/same.jpg"
+    collect(options, [(entry(1, url=same), b"img"), (entry(2, url=same), b"img")])
+    outcomes = {i: r["outcome"] for i, r in read_journal(options.journal_path).items()}
+    assert outcomes == {"n1_1": "ok", "n1_2": "duplicate"}
+
+
+def test_an_image_renamed_into_place_but_never_journaled_is_recovered(tmp_path):
+    options = GatherOptions(out=tmp_path, min_size=16)
+    items = [entry(1), entry(2), entry(3, "n2")]
+    write_image(Path(f"{target_stem(tmp_path, items[1])}.jpg"), seed=1)
+    with JsonLinesWriter(options.journal_path) as journal:
+        collector = Collector(options, journal, JournalIndex.read(options.journal_path))
+        rest = list(collector.recover_unjournaled(enumerate(items), {"n1", "n2"}))
+    assert [item.id for _, item in rest] == ["n1_1", "n2_3"]
+    record = read_journal(options.journal_path)["n1_2"]
+    assert (record["outcome"], record["error"], record["path"]) == ("ok", "found on disk",
+                                                                    "n1/n1_2.jpg")
+    assert collector.copies.offsets_of(record["sha256"]) == [0]
