@@ -87,7 +87,9 @@ class Scheduler:
         self._dropped: deque[tuple[int, deque[Job], int, int]] = deque()
 
     def _build(self, work: Iterable[tuple[int, str, str]]) -> None:
-        """Sort the waiting URLs by (class, host, list order) into segments."""
+        """Sort the waiting URLs by (class, host, list order) into segments: one int64 key
+        per URL and a stable sort (list order holds within a segment), the inputs freed as
+        soon as the key is made, as this is a resume's peak (tens of MB at 1.4 million)."""
         class_ids: dict[str, int] = {}
         host_ids: dict[str, int] = {}
         classes, hosts, indices = array("i"), array("i"), array("q")
@@ -98,18 +100,23 @@ class Scheduler:
         self.total = len(indices)
         if not self.total:
             return
-        class_of, host_of = np.asarray(classes, np.int32), np.asarray(hosts, np.int32)
-        order = np.lexsort((np.asarray(indices, np.int64), host_of, class_of))
-        self._indices = np.asarray(indices, np.int64)[order]
-        class_of, host_of = class_of[order], host_of[order]
-        starts = np.flatnonzero(np.concatenate(
-            [[True], (class_of[1:] != class_of[:-1]) | (host_of[1:] != host_of[:-1])]))
+        key = np.frombuffer(classes, np.int32).astype(np.int64) << 32
+        key |= np.frombuffer(hosts, np.int32)
+        del classes, hosts
+        order = np.argsort(key, kind="stable")
+        self._indices = np.frombuffer(indices, np.int64)[order]
+        del indices
+        key = key[order]
+        del order
+        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
         self._next = starts  # per segment, the position of its next URL in _indices
-        self._end = np.append(starts[1:], len(order))
+        self._end = np.append(starts[1:], len(key))
+        class_of, host_of = key[starts] >> 32, key[starts] & 0xFFFFFFFF
+        del key
         names = list(host_ids)
-        self._host = [names[h] for h in host_of[starts].tolist()]
+        self._host = [names[h] for h in host_of.tolist()]
         queues = [_ClassQueue() for _ in class_ids]
-        for segment, klass in enumerate(class_of[starts].tolist()):
+        for segment, klass in enumerate(class_of.tolist()):
             queue = queues[klass]
             queue.heap.append((False, _TOP, self._host[segment], segment))
             queue.waiting += int(self._end[segment] - starts[segment])
