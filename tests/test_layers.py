@@ -11,8 +11,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 LAYERS = {
-    "helpers": {"__init__", "archs", "errors", "fsutil", "images", "normalization", "parallel",
-                "perceptual", "preprocess", "progress", "stage_options", "tables"},
+    "helpers": {"__init__", "allocator", "archs", "errors", "fsutil", "images", "normalization",
+                "parallel", "perceptual", "preprocess", "progress", "stage_options", "tables"},
     "formats": {"checkpoint", "journal", "manifest", "packfile", "runfolder", "urllist"},
     "shared": {"data", "metrics", "models"},
     "stages": {"evaluate", "export", "finetune", "gather", "label", "mean", "pack", "report",

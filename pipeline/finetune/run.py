@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import checkpoint
+from pipeline.allocator import keep_freed_memory
 from pipeline.data import DecodedBatches, EpochSampler, is_jpeg_pack, make_loader, open_images
 from pipeline.errors import InputError
 from pipeline.finetune.cache import CacheInfo, FeatureCache, features_to_input, split_model
@@ -53,6 +54,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         raise InputError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
     if config.decode_device == "cuda" and not torch.cuda.is_available():
         raise InputError("--decode-device cuda needs a CUDA GPU; use cpu (or auto)")
+    keep_freed_memory()
     ranks = init_distributed()
     try:
         return _Run(config, ranks).train()
