@@ -20,12 +20,15 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import re
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
+import urllib.request
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -304,7 +307,8 @@ class Mirror:
         return web.Response(body=data, content_type="image/jpeg")
 
     async def _stats(self, request: web.Request) -> web.Response:
-        return web.json_response(self.counters.snapshot(paths=False))
+        """`?paths=1` adds the per-path counts (large on a big run)."""
+        return web.json_response(self.counters.snapshot(paths="paths" in request.query))
 
 
 def _content_type(request: web.Request) -> str:
@@ -345,6 +349,43 @@ class MirrorHandle:
     def stats(self) -> dict[str, Any]:
         """`requests` (total), `by_route` and `by_path` (path with query) request counts."""
         return self.mirror.counters.snapshot(paths=True)
+
+
+@dataclass(frozen=True)
+class ProcessMirrorHandle:
+    """What a test gets from `serve_in_process`: the same stats, read over HTTP."""
+
+    base_url: str
+
+    def stats(self) -> dict[str, Any]:
+        """`requests` (total), `by_route` and `by_path` (path with query) request counts."""
+        with urllib.request.urlopen(f"{self.base_url}/stats?paths=1", timeout=30) as answer:
+            return json.load(answer)
+
+
+@contextlib.contextmanager
+def serve_in_process(root: Path, *, latency: float = 0.0, max_seconds: float = 300
+                     ) -> Iterator[ProcessMirrorHandle]:
+    """The mirror in a process of its own, stopped on exit: whatever the test's own process
+    did before (training threads, a loaded interpreter), the mirror answers at its own pace."""
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--root", str(root), "--port", "0",
+         "--latency", str(latency), "--max-seconds", str(max_seconds)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline().strip() if server.stdout else ""
+        if not line.startswith("serving "):
+            raise RuntimeError(f"the mirror did not start: {line!r}")
+        yield ProcessMirrorHandle(line.split()[1])
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        if server.stdout:
+            server.stdout.close()
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from pipeline.journal import read_journal
 from pipeline.urllist import select_urls
 
 import make_sample
-from serve_sample import serve_in_thread
+from serve_sample import serve_in_process
 
 # Every fault kind twice per synset (1/30 of 60 URLs each), the rest plain images.
 EVERY_KIND = {kind: 2 / 60 for kind in make_sample.KINDS}
@@ -29,7 +29,7 @@ HANG_TIMEOUT = 3.0  # the slow/stall kinds cost this per attempt; shorter flakes
 
 @pytest.fixture(scope="module")
 def mirror(sample):
-    with serve_in_thread(sample, max_seconds=600) as handle:
+    with serve_in_process(sample, max_seconds=600) as handle:
         yield handle
 
 
@@ -132,7 +132,7 @@ def gather_command(urls: Path, out: Path, wnids: list[str], sample: Path) -> lis
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_images_as_an_uninterrupted_run(sample, tmp_path):
     wnids = wnids_of(sample)[:2]
-    with serve_in_thread(sample, latency=0.05, max_seconds=300) as slow_mirror:
+    with serve_in_process(sample, latency=0.05, max_seconds=300) as slow_mirror:
         url_list(sample, slow_mirror, tmp_path / "urls.txt", wnids=wnids,
                  mix={"404": 0.1, "html": 0.05, "truncated": 0.05, "duplicate": 0.05})
         whole, killed = tmp_path / "whole", tmp_path / "killed"
