@@ -1,8 +1,6 @@
 """Fast unit tests of the pure pieces: the epoch sampler, InputSpec and the layer names."""
 
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -51,33 +49,3 @@ def test_every_vgg_has_classic_block_and_layer_names(arch):
     assert {"conv5", "fc6", "fc7", "fc8"} <= set(names)
     depth = int(arch[3:5])
     assert sum(1 for n in names if "_" in n) == depth - 3  # VGG-N: N-3 conv layers
-
-
-ONE_STEP = """
-import resource, sys, torch
-from pipeline.allocator import keep_freed_memory
-if sys.argv[1] == "tuned" and not keep_freed_memory():
-    print("not glibc"); sys.exit()
-def minor_faults_of_one_step():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(40 * 2**20, dtype=torch.float32).sum()  # 160 MB, freed at once
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-minor_faults_of_one_step()
-print(minor_faults_of_one_step())
-"""
-
-
-def test_the_allocator_keeps_freed_memory_for_the_next_step():
-    """A block as big as AlexNet's fc6 gradient is reused, not unmapped and faulted in again.
-
-    Measured in a fresh process, as `pipeline finetune` starts: a long-lived interpreter whose
-    heap cannot grow in place gets big blocks from mmap whatever the settings.
-    """
-    def faults(mode: str) -> str:
-        return subprocess.run([sys.executable, "-c", ONE_STEP, mode], capture_output=True,
-                              text=True, check=True, timeout=120).stdout.strip()
-
-    tuned = faults("tuned")
-    if tuned == "not glibc":
-        pytest.skip("not glibc")
-    assert int(tuned) < 1000 < int(faults("default"))  # default: ~40,000 pages each step
