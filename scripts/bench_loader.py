@@ -11,17 +11,23 @@ caches and starts workers).
   `open_images` + `EpochSampler` + `make_loader` as `pipeline finetune` uses them.
 - FFCV: `DatasetWriter` with `RGBImageField(write_mode="raw" | "jpg", jpeg_quality=90)`;
   `Loader` with `RandomResizedCropRGBImageDecoder` at scale (224/256)^2 and ratio 1 (a plain
-  random 224 crop of a 256 image), `RandomHorizontalFlip`, `ToTensor`, `ToTorchImage`. It
-  needs libturbojpeg and OpenCV to build (apt-get install libturbojpeg0-dev libopencv-dev);
-  where they are missing, the output says exactly that and FFCV is left out.
+  random 224 crop of a 256 image), `RandomHorizontalFlip`, `ToTensor`, `ToTorchImage`. Its
+  pip install compiles a C++ extension against libturbojpeg and OpenCV found through
+  pkg-config, so the machine needs g++ and (Debian) `apt-get install pkg-config
+  libturbojpeg0-dev libopencv-dev`; where they are missing, the output says exactly that and
+  FFCV is left out. Its first epoch is mostly numba compiling its pipeline (~15 s).
 - LitData: `optimize` (the JPEG bytes as they are, 64 MB chunks) + `StreamingDataset` /
   `StreamingDataLoader`, decoding with PIL.
 - WebDataset: tar shards of the JPEG bytes (`TarWriter`), `WebDataset` + shuffle + PIL decode.
 
 Peers live in a venv of their own (--peers-venv, created on first use; it sees this venv's
-torch, numpy and Pillow through a .pth line), never in the project's dependencies. Every pack
-and loader runs as a whole command (interpreter start-up included), measured with benchlib
-after waiting for the shared machine to be quiet; runs disturbed by other load say so.
+torch, numpy and Pillow through a .pth line), never in the project's dependencies. They are
+installed from PyPI (ffcv, litdata, webdataset and their small dependencies: numba,
+opencv-python, boto3, ...) with this venv's torch, torchvision, numpy and Pillow versions as
+constraints, so pip never fetches a torch build of its own; a peer that would need other
+versions fails to install and is left out with pip's reason. Every pack and loader runs as a
+whole command (interpreter start-up included), measured with benchlib after waiting for the
+shared machine to be quiet; runs disturbed by other load say so.
 
     python scripts/bench_loader.py [--images 10000] [--epochs 4] [--batch-size 64]
                                    [--workers 2] [--workdir /tmp/bench-loader]
@@ -29,12 +35,14 @@ after waiting for the shared machine to be quiet; runs disturbed by other load s
                                    [--skip-peers] [--quiet-wait 120]
 
 Prints a table, then one summary line: ours vs the fastest peer per storage kind (images/s,
-pack time, pack size). A smoke run: --images 200 --epochs 1.
+pack time, pack size). A smoke run: --images 200 --epochs 2 --quiet-wait 0 (epoch 1 alone
+would give FFCV's compile time; a 200-image epoch is too short for the figures to mean much).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as metadata
 import io
 import json
 import os
@@ -48,6 +56,7 @@ from pathlib import Path
 
 CROP, SIZE, QUALITY = 224, 256, 90
 PEER_PACKAGES = {"litdata": "litdata", "webdataset": "webdataset", "ffcv": "ffcv"}
+SHARED = ("torch", "torchvision", "numpy", "pillow")  # the peers use this venv's, pinned
 FFCV_SYSTEM_LIBS = ("libturbojpeg", "opencv4")
 DEFAULT_PEERS_VENV = Path("/work/bench-venvs/loader-peers")
 SCRIPT = Path(__file__).resolve()
@@ -143,6 +152,8 @@ def ensure_peers(venv: Path) -> dict[str, str]:
                                "get_paths()['purelib'])"], capture_output=True, text=True,
                               check=True).stdout.strip()
         Path(site, "project_torch.pth").write_text(f"{ours}\n")  # torch, numpy, Pillow
+    pins = venv / "project-pins.txt"  # the shared packages at this venv's versions
+    pins.write_text("".join(f"{name}=={metadata.version(name)}\n" for name in SHARED))
     missing = {}
     for peer, package in PEER_PACKAGES.items():
         if _imports(python, peer):
@@ -152,7 +163,8 @@ def ensure_peers(venv: Path) -> dict[str, str]:
             continue
         print(f"installing {package} into {venv} ...", flush=True)
         done = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet",
-                               "--disable-pip-version-check", package],
+                               "--disable-pip-version-check", "--constraint", str(pins),
+                               package],
                               capture_output=True, text=True)
         if done.returncode != 0 or not _imports(python, peer):
             errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
