@@ -140,9 +140,10 @@ def cli(verbose: bool, quiet: bool) -> None:
                    "as placeholder (repeatable).")
 @click.option("--placeholder-after", type=click.IntRange(min=0),
               default=GATHER.placeholder_after, show_default=True,
-              help="The same bytes from this many URLs (at least two different ones) are a "
+              help="The same image (same bytes, or a near-identical perceptual hash: resized "
+                   "or re-encoded) from this many URLs (at least two different ones) is a "
                    "host's generic placeholder: every copy is dropped as placeholder and the "
-                   "digest remembered in OUT/placeholders.txt (0: off).")
+                   "body remembered in OUT/placeholders.txt (0: off).")
 def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Path,
            words: Path | None, is_a: Path | None, with_hyponyms: bool, hyponym_conflicts: str,
            limit: int | None,

@@ -19,7 +19,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "gather.jsonl"  # in the output root of `pipeline gather`
-PLACEHOLDERS_NAME = "placeholders.txt"  # digests found to be placeholders, beside the journal
+PLACEHOLDERS_NAME = "placeholders.txt"  # bodies found to be placeholders, beside the journal
 
 # In the order the summary table shows them. Final: ok, dead, http_error (4xx), not_image,
 # too_large, too_small, placeholder, duplicate, opted_out, blocked_redirect. Transient (tried
@@ -171,6 +171,25 @@ def read_records(path: Path, offsets: Iterable[int]) -> Iterator[tuple[int, dict
             record = _parse(handle.readline())
             if record is not None:
                 yield offset, record
+
+
+def read_placeholders(path: Path) -> dict[str, str]:
+    """The bodies a gather run found to be placeholders: SHA-256 -> perceptual hash (80 hex
+    digits; empty for lines written before gather hashed images), one "digest [phash]" line
+    each."""
+    if not path.exists():
+        return {}
+    found = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fields = line.split()
+        if fields:
+            found[fields[0]] = fields[1] if len(fields) > 1 else ""
+    return found
+
+
+def placeholder_line(digest: str, phash: str) -> str:
+    """One line of placeholders.txt (see read_placeholders)."""
+    return f"{digest} {phash}\n" if phash else f"{digest}\n"
 
 
 def _code(record: dict[str, Any]) -> int:

@@ -63,19 +63,67 @@ def hash_image(source: str | Path | bytes | BinaryIO) -> list[View]:
     Raises images.ImageDecodeError for an image that cannot be decoded.
     """
     grey = decode_image(source, min_side=DECODE_SIDE).convert("L")
-    views = [_hash_view(grey)]
+    views = [hash_view(grey)]
     box = _trim_box(np.asarray(grey, dtype=np.float32))
     if box != (0, 0, *grey.size):
-        views.append(_hash_view(grey.crop(box)))
+        views.append(hash_view(grey.crop(box)))
     return views
 
 
-def _hash_view(grey: Image.Image) -> View:
+def hash_view(image: Image.Image) -> View:
+    """The hashes of an image as it is (no frame trimming): for a caller that has decoded it
+    already, best at the DECODE_SIDE scale."""
+    grey = image if image.mode == "L" else image.convert("L")
     pixels = np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.BOX), dtype=np.float64)
     spectrum = _DCT @ pixels @ _DCT.T
     coarse = _bits(spectrum[:COARSE_SIDE, :COARSE_SIDE])
     fine = _bits(spectrum[:FINE_SIDE, :FINE_SIDE])
     return int(coarse[0]), tuple(int(word) for word in fine)
+
+
+def view_to_hex(view: View) -> str:
+    """A view as 80 hex digits (coarse, then fine): how the gather journal stores it."""
+    coarse, fine = view
+    return f"{coarse:016x}" + "".join(f"{word:016x}" for word in fine)
+
+
+def view_from_hex(text: str) -> View:
+    """The inverse of view_to_hex; ValueError for anything else."""
+    if len(text) != 16 * (1 + FINE_WORDS):
+        raise ValueError(f"a perceptual hash has {16 * (1 + FINE_WORDS)} hex digits")
+    words = [int(text[i:i + 16], 16) for i in range(0, len(text), 16)]
+    return words[0], tuple(words[1:])
+
+
+def fine_distance(a: View, b: View) -> int:
+    """Bits in which two views' fine hashes differ."""
+    return sum((x ^ y).bit_count() for x, y in zip(a[1], b[1], strict=True))
+
+
+class ViewSet:
+    """A few hundred views at most (known placeholders), compared with a new one in one
+    vectorised step."""
+
+    def __init__(self, views: Iterable[View] = ()) -> None:
+        self.coarse = np.empty(0, np.uint64)
+        self.fine = np.empty((0, FINE_WORDS), np.uint64)
+        for view in views:
+            self.add(view)
+
+    def __len__(self) -> int:
+        return len(self.coarse)
+
+    def add(self, view: View) -> None:
+        self.coarse = np.append(self.coarse, np.uint64(view[0]))
+        self.fine = np.vstack([self.fine, np.array(view[1], np.uint64)])
+
+    def has_near(self, view: View, coarse_distance: int, fine_distance: int) -> bool:
+        """Whether a view of the set is within both distances of `view`."""
+        close = np.bitwise_count(self.coarse ^ np.uint64(view[0])) <= coarse_distance
+        if not close.any():
+            return False
+        fine = np.bitwise_count(self.fine[close] ^ np.array(view[1], np.uint64)).sum(axis=1)
+        return bool((fine <= fine_distance).any())
 
 
 def _bits(block: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from pipeline import runfolder
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_open, atomic_write_text
 from pipeline.images import ImageDecodeError
-from pipeline.journal import JOURNAL_NAME, PLACEHOLDERS_NAME, read_journal
+from pipeline.journal import JOURNAL_NAME, PLACEHOLDERS_NAME, read_journal, read_placeholders
 from pipeline.manifest import (
     ClassRecord,
     DuplicateGroup,
@@ -111,7 +111,7 @@ class QualityInfo:
     duplicates: list[DuplicateGroup]
     conflicts: list[dict[str, str]]  # conflicts.txt rows
     hyponym_conflicts: list[dict[str, str]]  # hyponym_conflicts.txt rows
-    placeholders: int  # digests in placeholders.txt
+    placeholders: int  # bodies listed in placeholders.txt
     placeholder_urls: int  # journal records with the outcome placeholder
 
 
@@ -122,7 +122,7 @@ def read_quality(manifest_dir: Path, root: Path) -> QualityInfo:
     return QualityInfo(
         root, read_duplicates(manifest_dir), read_conflicts(manifest_dir),
         read_hyponym_conflicts(hyponyms) if hyponyms.exists() else [],
-        len(digests.read_text(encoding="utf-8").split()) if digests.exists() else 0,
+        len(read_placeholders(digests)),
         sum(r["outcome"] == "placeholder" for r in read_journal(journal).values())
         if journal.exists() else 0)
 
@@ -255,7 +255,8 @@ def _quality_section(quality: QualityInfo, out: Path) -> str:
              "manifests (conflicts.txt)",
              f"{len(quality.hyponym_conflicts)} hyponym(s) under two requested classes "
              f"({HYPONYM_CONFLICTS_NAME})",
-             f"{quality.placeholders} repeated image(s) recognised as placeholders, "
+             f"{quality.placeholders} placeholder body(ies) listed in {PLACEHOLDERS_NAME} "
+             "(each size or encoding of a repeated picture counts), "
              f"{quality.placeholder_urls} URL(s) journaled as placeholder"]
     body = "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
     if quality.conflicts:

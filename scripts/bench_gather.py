@@ -104,7 +104,6 @@ HOST_MIX: dict[str, float] = {"alive": 0.50, "refusing": 0.33, "blackhole": 0.05
                               "trickle": 0.03, "soft404": 0.05, "placeholder": 0.04}
 HOSTS = 300
 TRICKLE_EVERY = 5.0  # > TIMEOUT, or img2dataset never finishes a trickle URL
-SAMPLE_FILES = 300  # distinct pictures; further URLs reuse them with distinct bytes (/uniq/)
 TARGET_RATIO = 2.0
 REPEAT = 3
 MIN_PAIRS = 3  # the reporting rule: fewer quiet pairs than this is no result
@@ -815,7 +814,9 @@ def main(argv: list[str] | None = None) -> None:
     runs_dir = workdir / "runs"
     clear_outputs(runs_dir, settle=True)
     sample = workdir / "sample"
-    wnid = make_sample(sample, classes=1, per_class=SAMPLE_FILES, workers=2)[0]
+    # One distinct picture per URL, as on the real web: a picture served for many URLs (even
+    # with other bytes) is a mass placeholder to gather, and it would drop it.
+    wnid = make_sample(sample, classes=1, per_class=args.urls, workers=2)[0]
     scenarios = []
     for index, name in enumerate(names):
         print(f"\n== scenario {name} ==", flush=True)

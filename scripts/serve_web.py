@@ -36,6 +36,8 @@ stops by itself after `max_seconds`. Behaviours (one per host):
   `text/html` (the mirror's `mislabeled` route already covers HTML served as `image/jpeg`).
 - `placeholder`: every path answers `200 OK` with the same "image not found" JPEG, 320x240 and
   distinct per host (`placeholder_jpeg(name)`; `WebLayout.placeholder_digests()`).
+- `resizing_placeholder`: the same picture, but resized and re-encoded per path (one of
+  RESIZED_VARIANTS, chosen by the path's hash), as image CDNs do: other bytes, the same image.
 - `dns_dead`: no server and no address; named `hostN.invalid` (RFC 6761: never resolves) and
   left out of `resolve_args()`. Its URLs keep the name in IP-literal lists too.
 
@@ -83,12 +85,12 @@ import make_sample
 from serve_sample import SHUTDOWN_GRACE, Mirror, html_page
 
 BEHAVIOURS: tuple[str, ...] = ("alive", "refusing", "blackhole", "trickle", "endless",
-                               "soft404", "placeholder", "dns_dead")
+                               "soft404", "placeholder", "resizing_placeholder", "dns_dead")
 # What a correct client records for any URL on a host of that behaviour (alive: per path).
 BEHAVIOUR_OUTCOMES: dict[str, str] = {
     "refusing": "unreachable", "dns_dead": "unreachable", "blackhole": "unreachable",
     "trickle": "timeout", "endless": "timeout", "soft404": "not_image",
-    "placeholder": "placeholder",
+    "placeholder": "placeholder", "resizing_placeholder": "placeholder",
 }
 # Shares of hosts (not of URLs: the URL list gives the few alive big hosts most URLs). Rough
 # figures for a 2011 list today: a large part of the long tail is gone, DNS first.
@@ -112,6 +114,8 @@ TCP_INFO_UNACKED = 24  # offset of tcpi_unacked: a listener's accept-queue lengt
 JPEG_HEAD = (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
              b"\xff\xdb\x00\x43\x00")
 PLACEHOLDER_SIZE = (320, 240)
+RESIZED_VARIANTS = tuple((scale, quality) for scale in (0.75, 1.0, 1.5, 2.0)
+                         for quality in (70, 80, 92))  # (scale, JPEG quality)
 SENTINEL_BASE = "http://sentinel.invalid:1"
 
 
@@ -179,7 +183,7 @@ def make_host_mix(n_hosts: int, mix: dict[str, float] | None = None,
     return [make_host(i, behaviour) for i, behaviour in enumerate(behaviours, 1)]
 
 
-def placeholder_jpeg(name: str) -> bytes:
+def placeholder_jpeg(name: str, scale: float = 1.0, quality: int = 85) -> bytes:
     """A host's generic "image not found" picture: a real JPEG, different for every host."""
     digest = hashlib.sha256(name.encode()).digest()
     image = Image.new("RGB", PLACEHOLDER_SIZE, (150 + digest[0] % 100, 150 + digest[1] % 100,
@@ -189,9 +193,18 @@ def placeholder_jpeg(name: str) -> bytes:
     font = ImageFont.load_default(size=20)
     draw.text((160, 100), "image not found", fill=(60, 60, 60), font=font, anchor="mm")
     draw.text((160, 140), name, fill=(60, 60, 60), font=font, anchor="mm")
+    if scale != 1.0:
+        size = (round(PLACEHOLDER_SIZE[0] * scale), round(PLACEHOLDER_SIZE[1] * scale))
+        image = image.resize(size, Image.LANCZOS)
     out = io.BytesIO()
-    image.save(out, "JPEG", quality=85)
+    image.save(out, "JPEG", quality=quality)
     return out.getvalue()
+
+
+def resized_placeholder(name: str, path: str) -> bytes:
+    """What a `resizing_placeholder` host answers for `path`."""
+    choice = int.from_bytes(hashlib.sha256(path.encode()).digest()[:4], "big")
+    return placeholder_jpeg(name, *RESIZED_VARIANTS[choice % len(RESIZED_VARIANTS)])
 
 
 class WebLayout:
@@ -503,6 +516,9 @@ class _Web:
             await asyncio.sleep(self.latency)
         if host.behaviour == "placeholder":
             return web.Response(body=self._placeholders[host.name], content_type="image/jpeg")
+        if host.behaviour == "resizing_placeholder":
+            return web.Response(body=resized_placeholder(host.name, request.path),
+                                content_type="image/jpeg")
         return web.Response(text=html_page("Sorry, that page was not found"),
                             content_type="text/html")
 

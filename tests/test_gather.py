@@ -160,9 +160,9 @@ def test_resume_after_sigkill_gives_the_same_images_as_an_uninterrupted_run(samp
 @pytest.mark.slow
 def test_hostile_ids_cannot_leave_the_output_folder(sample, mirror, tmp_path):
     wnid = wnids_of(sample)[0]
-    good = sorted((sample / "files" / wnid).glob("*.jpg"))[0].name
+    good = sorted((sample / "files" / wnid).glob("*.jpg"))
     evil = [f"{wnid}_../../../escaped", f"{wnid}_..", f"{wnid}_a/../../b", f"{wnid}_/etc/x"]
-    lines = [f"{image_id}\t{mirror.base_url}/uniq/{k}/{wnid}/{good}"
+    lines = [f"{image_id}\t{mirror.base_url}/img/{wnid}/{good[k].name}"
              for k, image_id in enumerate(evil)]
     (tmp_path / "urls.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "deep" / "raw"

@@ -1,12 +1,14 @@
 """The collector's compact bookkeeping: kept images as digest prefixes pointing into the
-journal (DigestRows), files on disk as stem hashes (StemIndex), the journal indexed in batches;
-duplicates, placeholder take-back and recovery of unjournaled files read back from the
-journal."""
+journal (DigestRows) and by perceptual hash (NearRows), files on disk as stem hashes
+(StemIndex), the journal indexed in batches; duplicates, placeholder take-back (identical and
+near-identical bodies) and recovery of unjournaled files read back from the journal."""
 
 import hashlib
+import io
 import json
 import os
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +17,14 @@ import pytest
 from pipeline import journal as journal_module
 from pipeline.fsutil import JsonLinesWriter
 from pipeline.gather import digests
-from pipeline.gather.digests import DigestRows, digest_key
+from pipeline.gather.digests import DigestRows, NearRows, digest_key
 from pipeline.gather.options import GatherOptions
-from pipeline.gather.store import Collector, Staged, StemIndex, target_stem
-from pipeline.journal import JournalIndex, read_journal, read_records
+from pipeline.gather.store import Collector, Staged, StemIndex, stage_body, target_stem
+from pipeline.journal import JournalIndex, read_journal, read_placeholders, read_records
 from pipeline.urllist import UrlEntry
 
-from imagefiles import write_image
+import serve_web
+from imagefiles import pattern, write_image
 
 
 def sha(text: str) -> str:
@@ -54,6 +57,29 @@ def test_digest_rows_share_a_prefix_without_mixing_offsets_up():
     rows.add(first, 1)
     rows.add(second, 2)
     assert rows.offsets_of(first) == [1, 2]  # both candidates: the caller compares digests
+
+
+def test_near_rows_find_exactly_the_hashes_within_the_distance_across_merges(monkeypatch):
+    monkeypatch.setattr(digests, "MERGE_AT", 64)
+    rng = np.random.default_rng(3)
+    hashes = rng.integers(0, 2**63, 500, dtype=np.int64).astype(np.uint64) * np.uint64(2) + (
+        rng.integers(0, 2, 500).astype(np.uint64))  # all 64 bits drawn
+    rows = NearRows(7)
+    for offset, value in enumerate(hashes.tolist()):
+        rows.add(value, offset)
+    assert len(rows) == 500 and len(rows.hashes) == 448  # 7 merges, 52 rows still recent
+    for trial in range(200):
+        probe = int(hashes[trial % 500])
+        for bit in rng.choice(64, size=trial % 10, replace=False):
+            probe ^= 1 << int(bit)  # 0..9 bits away from a held hash
+        expected = np.flatnonzero(np.bitwise_count(hashes ^ np.uint64(probe)) <= 7).tolist()
+        assert rows.offsets_near(probe) == expected
+    rows.remove(int(hashes[3]), 3)  # merged: a tombstone
+    rows.remove(int(hashes[499]), 499)  # recent
+    rows.remove(int(hashes[5]), 6)  # not that hash's row: nothing happens
+    assert 3 not in rows.offsets_near(int(hashes[3]))
+    assert 499 not in rows.offsets_near(int(hashes[499]))
+    assert 6 in rows.offsets_near(int(hashes[6]))
 
 
 @pytest.mark.slow  # ~10 s: tracemalloc traces a million adds
@@ -175,3 +201,64 @@ def test_an_image_renamed_into_place_but_never_journaled_is_recovered(tmp_path):
     assert (record["outcome"], record["error"], record["path"]) == ("ok", "found on disk",
                                                                     "n1/n1_2.jpg")
     assert collector.copies.offsets_of(record["sha256"]) == [0]
+
+
+def stage(options: GatherOptions, item: UrlEntry, body: bytes) -> Staged:
+    """A body checked, hashed and written as a gather worker does."""
+    return stage_body(body, str(target_stem(options.out, item)), options)
+
+
+def gather_bodies(options: GatherOptions, bodies: list[tuple[UrlEntry, bytes]]) -> Collector:
+    with JsonLinesWriter(options.journal_path) as journal:
+        collector = Collector(options, journal, JournalIndex.read(options.journal_path))
+        for item, body in bodies:
+            collector.record(item, outcome="ok", final=True, staged=stage(options, item, body))
+    return collector
+
+
+def photo(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    pattern(seed, (200, 150)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_a_placeholder_resized_and_re_encoded_per_url_is_found_by_its_perceptual_hash(
+        tmp_path):
+    options = GatherOptions(out=tmp_path, placeholder_after=3)
+    generic = [serve_web.placeholder_jpeg("cdn.example", *variant)
+               for variant in ((1.0, 85), (0.5, 60), (1.5, 92), (2.0, 70))]
+    assert len({hashlib.sha256(body).hexdigest() for body in generic}) == 4
+    collector = gather_bodies(options, [
+        (entry(1), photo(1)), (entry(2), generic[0]), (entry(3, "n2"), generic[1]),
+        (entry(4), photo(2)), (entry(5, "n3"), generic[2])])
+    outcomes = {i: r["outcome"] for i, r in read_journal(options.journal_path).items()}
+    assert outcomes == {"n1_1": "ok", "n1_2": "placeholder", "n2_3": "placeholder",
+                        "n1_4": "ok", "n3_5": "placeholder"}
+    assert sorted(p.name for p in tmp_path.glob("n*/*")) == ["n1_1.jpg", "n1_4.jpg"]
+    # the two copies kept before, each set aside under its own digest: nothing is lost
+    set_aside = {p.read_bytes() for p in (tmp_path / ".placeholders").iterdir()}
+    assert set_aside == {generic[0], generic[1]}
+    known = read_placeholders(options.placeholders_path)
+    assert set(known) == {hashlib.sha256(body).hexdigest() for body in generic[:3]}
+    assert all(len(phash) == 80 for phash in known.values())
+    assert collector.placeholders_found == 1 and collector.ok_counts == {"n1": 2, "n2": 0,
+                                                                         "n3": 0}
+    assert len(collector.near.offsets_near(int(known[hashlib.sha256(
+        generic[0]).hexdigest()][:16], 16))) == 0  # taken back from the index too
+
+    # A later run rejects another size of that picture at once (one URL is enough).
+    collector = gather_bodies(options, [(entry(6, "n4"), generic[3]), (entry(7, "n4"), photo(3))])
+    record = read_journal(options.journal_path)["n4_6"]
+    assert record["outcome"] == "placeholder" and "near-identical" in record["error"]
+    assert collector.ok_counts["n4"] == 1
+
+
+def test_different_photos_that_look_alike_are_never_taken_for_a_placeholder(sample, tmp_path):
+    """The sample's figures of one kind on similar backgrounds: a hard negative set."""
+    options = GatherOptions(out=tmp_path, placeholder_after=2, min_size=16)
+    files = sorted((sample / "files").rglob("*.jpg"))[:300]
+    bodies = [(entry(n, path.parent.name), path.read_bytes()) for n, path in enumerate(files)]
+    collector = gather_bodies(options, bodies)
+    outcomes = Counter(r["outcome"] for r in read_journal(options.journal_path).values())
+    assert outcomes == {"ok": len(files)}, outcomes
+    assert collector.placeholders_found == 0 and len(collector.near) == len(files)

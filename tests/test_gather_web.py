@@ -21,7 +21,7 @@ from aiohttp import web as aioweb
 
 from pipeline.gather import GatherOptions, gather_synsets
 from pipeline.gather.hosts import parse_resolve
-from pipeline.journal import read_journal
+from pipeline.journal import read_journal, read_placeholders
 
 import serve_web
 from serve_web import make_host
@@ -42,9 +42,11 @@ def write_list(path: Path, lines: list[tuple[str, str]]) -> Path:
 
 
 def good_urls(web, host, sample: Path, wnid: str, count: int, start: int = 0) -> list[str]:
-    """`count` distinct good images on an alive host (unique bytes, so no duplicates)."""
+    """`count` good images on an alive host, pictures `start`.. of the synset (wrapping
+    around): unique bytes, so no duplicates, but a picture served for too many URLs is a
+    placeholder, as on the real web."""
     names = images(sample, wnid)
-    return [f"{web.base_url(host)}/uniq/{start + k}/{wnid}/{names[k % len(names)]}"
+    return [f"{web.base_url(host)}/uniq/{start + k}/{wnid}/{names[(start + k) % len(names)]}"
             for k in range(count)]
 
 
@@ -135,7 +137,7 @@ def test_many_hostnames_per_host_limit_and_dead_hosts_cost_a_few_attempts(
     for index, host in enumerate(web.hosts):
         wnid = wnids[index % 2]
         if host.behaviour == "alive":
-            urls = good_urls(web, host, sample, wnid, 8, start=100 * index)
+            urls = good_urls(web, host, sample, wnid, 8, start=8 * (index // 2))
         else:
             urls = [f"{web.base_url(host)}/img/{wnid}/x{k}.jpg" for k in range(30)]
         lines += [(f"{wnid}_{index * 1000 + k}", url) for k, url in enumerate(urls)]
@@ -316,7 +318,7 @@ def test_a_body_repeated_across_urls_and_synsets_is_a_placeholder_and_no_copy_st
         kept = [p for p in out.rglob("*.jpg") if ".placeholders" not in p.parts]
         assert len(kept) == 10  # the 10 real photos, not one copy of the generic picture
         digest = web.placeholder_digests().pop()
-        assert (out / "placeholders.txt").read_text().split() == [digest]
+        assert list(read_placeholders(out / "placeholders.txt")) == [digest]
         assert [p.stem for p in (out / ".placeholders").iterdir()] == [digest]
         assert report.placeholders_found == 1
         assert all(report.overall[w]["ok"] == 5 for w in wnids)
@@ -327,6 +329,35 @@ def test_a_body_repeated_across_urls_and_synsets_is_a_placeholder_and_no_copy_st
         gather_synsets(urls, wnids, options(out, web))
         record = read_journal(out / "gather.jsonl")[f"{wnids[0]}_999"]
         assert record["outcome"] == "placeholder" and "placeholders.txt" in record["error"]
+
+
+def test_a_placeholder_resized_per_url_is_found_though_no_two_bodies_match(sample, tmp_path):
+    """An image CDN answers every dead photo with its picture at the size the URL asks for:
+    the bytes differ, the perceptual hash does not (much)."""
+    hosts = [make_host(1, "alive"), make_host(2, "resizing_placeholder")]
+    wnids = sorted(p.name for p in (sample / "files").iterdir())[:2]
+    with serve_web.serve_web(sample, hosts, max_seconds=120) as web:
+        alive, cdn = web.hosts
+        lines = []
+        for w, wnid in enumerate(wnids):
+            lines += [(f"{wnid}_{k}", url) for k, url in
+                      enumerate(good_urls(web, alive, sample, wnid, 5, start=50 * w))]
+            lines += [(f"{wnid}_{k}", f"{web.base_url(cdn)}/{wnid}/{k}_w{k * 40}.jpg")
+                      for k in range(100, 108)]
+        urls = write_list(tmp_path / "urls.txt", lines)
+        out = tmp_path / "raw"
+        report = gather_synsets(urls, wnids, options(out, web))
+        journal = read_journal(out / "gather.jsonl")
+        cdn_ids = {i for i, url in lines if cdn.name in url}
+        assert len({journal[i]["sha256"] for i in cdn_ids}) > 5  # other bytes, most of them
+        assert {journal[i]["outcome"] for i in cdn_ids} == {"placeholder"}
+        assert all(journal[i]["outcome"] == "ok" for i, _ in lines if i not in cdn_ids)
+        kept = [p for p in out.rglob("*.jpg") if ".placeholders" not in p.parts]
+        assert len(kept) == 10  # the 10 real photos, no size of the generic picture
+        assert report.placeholders_found >= 1
+        set_aside = list((out / ".placeholders").iterdir())
+        assert set_aside and all(p.stem in read_placeholders(out / "placeholders.txt")
+                                 for p in set_aside)
 
 
 def test_a_hung_url_on_a_fast_host_is_cut_short_then_fetched_patiently(

@@ -41,7 +41,7 @@ class GatherOptions:
     limit: int | None = None
     honour_opt_out: bool = True
     placeholder_digests: frozenset[str] = frozenset()
-    placeholder_after: int = 3  # URLs with the same bytes that make them a placeholder (0: off)
+    placeholder_after: int = 3  # URLs with the same image that make it a placeholder (0: off)
     hyponym_conflicts: str = "drop"  # a synset under two requested classes: two labels
     resolve: tuple[tuple[str, int | None, str], ...] = ()  # (host, port or None, address)
     allow_private_redirects: bool = False

@@ -1,7 +1,8 @@
 """Checking, de-duplicating, writing and journaling what was fetched.
 
 The work is split at the one decision that needs the whole run's view: a worker process
-checks a body (magic bytes, a real decode, size, known placeholders), hashes it and writes it
+checks a body (magic bytes, a real decode, size, known placeholders), hashes it (SHA-256, and
+a perceptual hash from the same decode) and writes it
 to a hidden temp file beside its final name (`stage_body`); the coordinating process then
 either renames it into place or drops it as a duplicate of an image already kept for that
 class, and journals the outcome (`Collector`). A kill at any moment leaves at most a temp
@@ -25,16 +26,39 @@ from typing import Any
 import numpy as np
 
 from pipeline.fsutil import FILE_MODE, TEMP_SUFFIX, JsonLinesWriter
-from pipeline.gather.digests import DigestRows
+from pipeline.gather.digests import DigestRows, NearRows
 from pipeline.gather.options import GatherOptions
 from pipeline.images import ImageDecodeError, decode_image, sniff_extension
-from pipeline.journal import JournalIndex, final_codes, read_records
+from pipeline.journal import (
+    JournalIndex,
+    final_codes,
+    placeholder_line,
+    read_placeholders,
+    read_records,
+)
+from pipeline.perceptual import (
+    DECODE_SIDE,
+    View,
+    ViewSet,
+    fine_distance,
+    hash_view,
+    view_from_hex,
+    view_to_hex,
+)
 from pipeline.urllist import Selection, UrlEntry, safe_file_stem
 
 LOOKUP_BATCH = 4096  # entries looked up in the journal index at once (as objects: keep it small)
 
 PLACEHOLDER_DIR = ".placeholders"  # hidden: never taken for a class folder
 _COPIES = frozenset({"ok", "duplicate"})  # outcomes whose bytes later images are checked against
+# Near-identical, for placeholders: a host's picture resized and re-encoded per request. Measured
+# on five "image not found" pictures in 13 sizes/qualities each (0.5x-2x, JPEG q60-q92): 95% of
+# variant pairs are within both distances (and a found placeholder's variants all join the
+# known set, so one close variant suffices); 2,400 different pictures of the synthetic sample
+# (similar figures: a hard negative set) have no pair within (7, 40). The coarse hash of such a
+# flat picture is the less stable of the two, the fine one decides.
+PLACEHOLDER_COARSE = 7  # of 64 bits (NearRows finds at most 7)
+PLACEHOLDER_FINE = 32  # of 256 bits
 
 
 @dataclass
@@ -47,6 +71,7 @@ class Staged:
     sha256: str
     temp: str | None = None
     path: str | None = None
+    phash: str = ""  # the perceptual hash (perceptual.view_to_hex) of a decodable image
 
 
 def target_stem(out: Path, entry: UrlEntry) -> Path:
@@ -63,7 +88,7 @@ def stage_body(body: bytes, stem: str, options: GatherOptions) -> Staged:
     digest = hashlib.sha256(body).hexdigest()
     if digest in options.placeholder_digests:
         return Staged("placeholder", "known placeholder image", len(body), digest)
-    problem = image_problem(body, options.min_size)
+    problem, phash = inspect_image(body, options.min_size)
     if problem is not None:
         outcome = "too_small" if problem.reason == "too_small" else "not_image"
         return Staged(outcome, str(problem), len(body), digest)
@@ -79,29 +104,32 @@ def stage_body(body: bytes, stem: str, options: GatherOptions) -> Staged:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
-    return Staged("ok", "", len(body), digest, temp, path)
+    return Staged("ok", "", len(body), digest, temp, path, phash)
 
 
-def image_problem(body: bytes, min_size: int) -> ImageDecodeError | None:
-    """Decode at reduced scale: enough to catch truncation, HTML and thumbnails, fast."""
+def inspect_image(body: bytes, min_size: int) -> tuple[ImageDecodeError | None, str]:
+    """(what is wrong, None when nothing; the perceptual hash) from one decode at reduced
+    scale: enough to catch truncation, HTML and thumbnails, and to hash, fast."""
     try:
-        decode_image(body, min_side=max(min_size, 1), min_size=min_size)
+        image = decode_image(body, min_side=max(min_size, DECODE_SIDE), min_size=min_size)
     except ImageDecodeError as problem:
-        return problem
-    return None
+        return problem, ""
+    return None, view_to_hex(hash_view(image))
 
 
 class Collector:
     """Keeps or drops staged images and journals every outcome (coordinator side).
 
-    It also spots mass placeholders: bytes that arrive for `placeholder_after` URLs (from at
-    least two different URLs, across hosts and synsets) are a host's generic "image not
-    found" picture, not a photo. Every copy is then taken back (one kept under
-    OUT/.placeholders/ for inspection, the journal corrected), and the digest is remembered
-    in OUT/placeholders.txt so resumes and later runs reject it at once.
+    It also spots mass placeholders: an image that arrives for `placeholder_after` URLs (from
+    at least two different URLs, across hosts and synsets), with the same bytes or a
+    near-identical perceptual hash (a host that re-encodes or resizes its picture per
+    request), is a host's generic "image not found" picture, not a photo. Every copy is then
+    taken back (set aside under OUT/.placeholders/ for inspection, the journal corrected), and
+    the body is remembered in OUT/placeholders.txt (digest and hash) so resumes and later runs
+    reject it, and images near it, at once.
 
-    The images kept so far (and their duplicates) are held as `DigestRows`, digest prefixes
-    pointing at journal lines, not as objects: 1.3 million of them stay a few tens of MB.
+    The images kept so far (and their duplicates) are held as `DigestRows` and `NearRows`,
+    hash keys pointing at journal lines, not as objects: 1.3 million of them stay ~50 MB.
     """
 
     def __init__(self, options: GatherOptions, journal: JsonLinesWriter,
@@ -113,12 +141,15 @@ class Collector:
         self.this_run: dict[str, Counter[str]] = defaultdict(Counter)
         self.ok_counts: Counter[str] = Counter()
         self.copies = DigestRows()  # the journal lines of kept and duplicate images
-        self.placeholders = read_placeholders(options.placeholders_path)
+        self.near = NearRows(PLACEHOLDER_COARSE)  # the same lines, by perceptual hash
+        known = read_placeholders(options.placeholders_path)
+        self.placeholders = set(known)
+        self.placeholder_views = ViewSet(view_from_hex(phash) for phash in known.values()
+                                         if phash)
         self.placeholders_found = 0
         self._placeholder_urls: dict[str, int] = {}  # digest -> URLs when found this run
         for offset, record in index.last_records(options.journal_path, _COPIES):
-            if record.get("sha256"):
-                self.copies.add(record["sha256"], offset)
+            self._hold(record, offset)
             self.ok_counts[_class_of(record)] += record["outcome"] == "ok"
 
     def pending(self, selection: Selection) -> Iterator[tuple[int, UrlEntry]]:
@@ -149,8 +180,8 @@ class Collector:
     def _recover(self, entry: UrlEntry, path: Path) -> None:
         body = path.read_bytes()
         digest = hashlib.sha256(body).hexdigest()
-        staged = Staged("ok", "found on disk", len(body), digest, path=str(path))
-        problem = image_problem(body, self.options.min_size)
+        problem, phash = inspect_image(body, self.options.min_size)
+        staged = Staged("ok", "found on disk", len(body), digest, path=str(path), phash=phash)
         if problem is not None:  # cannot happen unless the file changed since
             staged = Staged("not_image", str(problem), len(body), digest)
         self.record(entry, outcome=staged.outcome, final=True, error=staged.error,
@@ -163,18 +194,32 @@ class Collector:
         record: dict[str, Any] = {
             "id": entry.id, "wnid": entry.wnid, "class": entry.klass, "url": entry.url,
             "outcome": outcome, "final": final, "http_status": http_status, "bytes": None,
-            "sha256": None, "path": None, "error": error, "attempts": attempts,
+            "sha256": None, "phash": None, "path": None, "error": error, "attempts": attempts,
             "seconds": round(seconds, 3), "time": round(time.time(), 3),
         }
         if staged is not None:
             record.update(outcome=staged.outcome, error=staged.error or error,
-                          bytes=staged.size, sha256=staged.sha256)
+                          bytes=staged.size, sha256=staged.sha256, phash=staged.phash or None)
             if staged.outcome == "ok":
                 self._keep_or_drop(entry, staged, record)
         offset = self._write(entry.klass, record)
-        if record["outcome"] in _COPIES and record["sha256"]:
-            self.copies.add(record["sha256"], offset)
+        if record["outcome"] in _COPIES:
+            self._hold(record, offset)
         return record["outcome"]
+
+    def _hold(self, record: dict[str, Any], offset: int) -> None:
+        """Index a kept or duplicate image's journal line by its digest and hash."""
+        if record.get("sha256"):
+            self.copies.add(record["sha256"], offset)
+        if record.get("phash"):
+            self.near.add(view_from_hex(record["phash"])[0], offset)
+
+    def _forget(self, record: dict[str, Any], offset: int) -> None:
+        """The inverse of _hold: an image taken back."""
+        if record.get("sha256"):
+            self.copies.remove(record["sha256"], offset)
+        if record.get("phash"):
+            self.near.remove(view_from_hex(record["phash"])[0], offset)
 
     def _write(self, klass: str, record: dict[str, Any]) -> int:
         offset = self.journal.write(record)
@@ -184,15 +229,11 @@ class Collector:
 
     def _keep_or_drop(self, entry: UrlEntry, staged: Staged, record: dict[str, Any]) -> None:
         digest = staged.sha256
-        copies = [] if digest in self.placeholders else self._copies_of(digest)
-        if self._makes_placeholder(digest, copies, entry.url):
-            self._declare_placeholder(digest, staged, copies)
-        if digest in self.placeholders:
+        copies = self._copies_of(digest)
+        why = self._placeholder_reason(entry, staged, copies)
+        if why:
             self._discard(staged)
-            record.update(outcome="placeholder",
-                          error=f"repeated body: the same bytes came for "
-                                f"{self._placeholder_urls.get(digest) or 'many'} URLs "
-                                f"(listed in {self.options.placeholders_path.name})")
+            record.update(outcome="placeholder", error=why)
             return
         first = next(((offset, copy) for offset, copy in copies if copy["outcome"] == "ok"
                       and _class_of(copy) == entry.klass), None)
@@ -201,11 +242,40 @@ class Collector:
             record.update(outcome="duplicate", error=f"same bytes as {first[1]['id']}")
             return
         if first is not None:  # the same id kept again: its new line replaces the old
-            self.copies.remove(digest, first[0])
+            self._forget(*reversed(first))
         assert staged.path is not None
         if staged.temp:
             os.replace(staged.temp, staged.path)
         record["path"] = Path(staged.path).relative_to(self.options.out).as_posix()
+
+    def _placeholder_reason(self, entry: UrlEntry, staged: Staged,
+                            copies: list[tuple[int, dict[str, Any]]]) -> str:
+        """Why this image is a placeholder (known, near-identical to a known one, or the one
+        too many of a repeated image, whose copies are then taken back); empty when not."""
+        digest, listed = staged.sha256, self.options.placeholders_path.name
+        view = view_from_hex(staged.phash) if staged.phash else None
+        if digest not in self.placeholders:
+            if view is not None and self.placeholder_views.has_near(view, PLACEHOLDER_COARSE,
+                                                                    PLACEHOLDER_FINE):
+                self._remember(digest, staged.phash)
+                return f"near-identical to a placeholder listed in {listed}"
+            alike = copies + (self._near_copies_of(view, {offset for offset, _ in copies})
+                              if view is not None else [])
+            if not self._makes_placeholder(digest, alike, entry.url):
+                return ""
+            self._declare_placeholder(digest, staged, alike)
+        return (f"repeated body: the same or a near-identical image came for "
+                f"{self._placeholder_urls.get(digest) or 'many'} URLs (listed in {listed})")
+
+    def _near_copies_of(self, view: View, exclude: set[int]
+                        ) -> list[tuple[int, dict[str, Any]]]:
+        """(offset, record) of every kept or duplicate image with other bytes and a
+        near-identical perceptual hash (none is read back for a new-looking image)."""
+        offsets = [offset for offset in self.near.offsets_near(view[0]) if offset not in exclude]
+        return [(offset, record) for offset, record
+                in read_records(self.options.journal_path, offsets)
+                if record.get("phash")
+                and fine_distance(view, view_from_hex(record["phash"])) <= PLACEHOLDER_FINE]
 
     def _copies_of(self, digest: str) -> list[tuple[int, dict[str, Any]]]:
         """(offset, record) of every kept or duplicate image with these bytes, read back from
@@ -219,7 +289,7 @@ class Collector:
 
     def _makes_placeholder(self, digest: str, copies: list[tuple[int, dict[str, Any]]],
                            url: str) -> bool:
-        """True when these bytes, with this URL, came for placeholder_after URLs, not all
+        """True when this image, with this URL, came for placeholder_after URLs, not all
         the same (a URL listed twice is one image)."""
         after, count = self.options.placeholder_after, len(copies) + 1
         if not after or count < after or all(copy["url"] == url for _, copy in copies):
@@ -234,46 +304,50 @@ class Collector:
 
     def _declare_placeholder(self, digest: str, staged: Staged,
                              copies: list[tuple[int, dict[str, Any]]]) -> None:
-        """Remember the digest, then take back every copy kept so far."""
-        self.placeholders.add(digest)
+        """Remember the body and its copies' (a resized copy can be nearer the next one),
+        then take back every copy kept so far."""
         self.placeholders_found += 1
-        with open(self.options.placeholders_path, "a", encoding="utf-8") as handle:
-            handle.write(f"{digest}\n")
-        sample = self.options.out / PLACEHOLDER_DIR / f"{digest}{Path(staged.path or '').suffix}"
+        self._remember(digest, staged.phash)
         for offset, copy in copies:
-            self.copies.remove(digest, offset)
+            self._remember(copy["sha256"], copy.get("phash") or "")
+            self._forget(copy, offset)
             klass = _class_of(copy)
             if copy["outcome"] == "ok":
-                self._set_aside(self.options.out / copy["path"], sample)
+                self._set_aside(self.options.out / copy["path"], copy["sha256"])
                 self.ok_counts[klass] -= 1
         for _, copy in copies:
             klass = _class_of(copy)
             self._write(klass, {
                 "id": copy["id"], "wnid": copy.get("wnid", klass), "class": klass,
                 "url": copy["url"], "outcome": "placeholder", "final": True,
-                "http_status": None, "bytes": staged.size, "sha256": digest, "path": None,
-                "error": f"repeated body, found later (a copy is in {PLACEHOLDER_DIR}/)",
+                "http_status": None, "bytes": copy.get("bytes"), "sha256": copy["sha256"],
+                "phash": copy.get("phash"), "path": None,
+                "error": f"repeated body, found later (set aside in {PLACEHOLDER_DIR}/)",
                 "attempts": 0, "seconds": 0.0, "time": round(time.time(), 3)})
 
-    @staticmethod
-    def _set_aside(path: Path, sample: Path) -> None:
-        """Identical bytes: one copy stays under .placeholders/ for inspection."""
-        sample.parent.mkdir(exist_ok=True)
+    def _remember(self, digest: str, phash: str) -> None:
+        """A placeholder body, in placeholders.txt and in memory: rejected from now on, and
+        so is every image near-identical to it."""
+        if digest in self.placeholders:
+            return
+        self.placeholders.add(digest)
+        if phash:
+            self.placeholder_views.add(view_from_hex(phash))
+        with open(self.options.placeholders_path, "a", encoding="utf-8") as handle:
+            handle.write(placeholder_line(digest, phash))
+
+    def _set_aside(self, path: Path, digest: str) -> None:
+        """Into .placeholders/, named by its digest: copies with the same bytes share one
+        file, near-identical ones each keep theirs."""
+        folder = self.options.out / PLACEHOLDER_DIR
+        folder.mkdir(exist_ok=True)
         if path.exists():
-            os.replace(path, sample)
+            os.replace(path, folder / f"{digest}{path.suffix}")
 
 
 def _class_of(record: dict[str, Any]) -> str:
     """A record's class; records written before hyponyms had only their wnid."""
     return record.get("class", record.get("wnid", ""))
-
-
-def read_placeholders(path: Path) -> set[str]:
-    """The digests a run found to be placeholders (one per line)."""
-    if not path.exists():
-        return set()
-    return {line.split()[0] for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()}
 
 
 class StemIndex:
