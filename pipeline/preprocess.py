@@ -77,6 +77,18 @@ class InputSpec:
     def eval_pixels(self, image: Image.Image) -> np.ndarray:
         return self.apply(image, self.eval_window(*image.size))
 
+    def window_of(self, width: int, height: int, train: bool,
+                  rng: random.Random) -> Window:
+        """Training's random window or evaluation's central one."""
+        return self.train_window(width, height, rng) if train else self.eval_window(width,
+                                                                                   height)
+
+    def crop_slices(self, window: Window) -> tuple[slice, slice]:
+        """The rows and columns `window` keeps of an image already at its scaled size: a
+        pack's stored pixels can be cut without PIL (what `apply` does, minus the flip)."""
+        return (slice(window.top, window.top + self.crop),
+                slice(window.left, window.left + self.crop))
+
     def apply(self, image: Image.Image, window: Window) -> np.ndarray:
         """Scale, crop and maybe flip `image` as `window` says; a writable uint8 H x W x 3."""
         if (window.width, window.height) != image.size:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import make_sample
+from serve_sample import serve_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR_PORT = 8765
@@ -83,25 +84,12 @@ def mirror_port() -> int:
 @contextmanager
 def mirror(sample: Path, log_path: Path) -> Iterator[str]:
     """The sample mirror in its own process; always stopped on the way out."""
-    log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "serve_sample.py"), "--root", str(sample),
-         "--port", str(mirror_port()), "--latency", "0.01", "--max-seconds", "1800"],
-        stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        line = server.stdout.readline().strip() if server.stdout else ""
-        if not line.startswith("serving "):
-            raise RuntimeError(f"the sample mirror did not start (see {log_path})")
-        print(f"demo: local mirror {line.split()[1]} (pid {server.pid})", flush=True)
-        yield line.split()[1]
+        with serve_in_process(sample, latency=0.01, max_seconds=1800, port=mirror_port(),
+                              log_path=log_path) as handle:
+            print(f"demo: local mirror {handle.base_url} (pid {handle.pid})", flush=True)
+            yield handle.base_url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
         print("demo: mirror stopped", flush=True)
 
 

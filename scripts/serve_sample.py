@@ -356,6 +356,7 @@ class ProcessMirrorHandle:
     """What a test gets from `serve_in_process`: the same stats, read over HTTP."""
 
     base_url: str
+    pid: int
 
     def stats(self) -> dict[str, Any]:
         """`requests` (total), `by_route` and `by_path` (path with query) request counts."""
@@ -364,19 +365,23 @@ class ProcessMirrorHandle:
 
 
 @contextlib.contextmanager
-def serve_in_process(root: Path, *, latency: float = 0.0, max_seconds: float = 300
+def serve_in_process(root: Path, *, latency: float = 0.0, max_seconds: float = 300,
+                     port: int = 0, log_path: Path | None = None
                      ) -> Iterator[ProcessMirrorHandle]:
-    """The mirror in a process of its own, stopped on exit: whatever the test's own process
-    did before (training threads, a loaded interpreter), the mirror answers at its own pace."""
+    """The mirror in a process of its own, stopped on exit: whatever the caller's own process
+    did before (training threads, a loaded interpreter), the mirror answers at its own pace.
+    Its stderr (the access log) goes to `log_path` when given."""
+    log = open(log_path, "w", encoding="utf-8") if log_path else None  # noqa: SIM115
     server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--root", str(root), "--port", "0",
+        [sys.executable, str(Path(__file__).resolve()), "--root", str(root), "--port", str(port),
          "--latency", str(latency), "--max-seconds", str(max_seconds)],
-        stdout=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = server.stdout.readline().strip() if server.stdout else ""
         if not line.startswith("serving "):
-            raise RuntimeError(f"the mirror did not start: {line!r}")
-        yield ProcessMirrorHandle(line.split()[1])
+            where = f" (see {log_path})" if log_path else ""
+            raise RuntimeError(f"the mirror did not start: {line!r}{where}")
+        yield ProcessMirrorHandle(line.split()[1], server.pid)
     finally:
         server.terminate()
         try:
@@ -386,6 +391,8 @@ def serve_in_process(root: Path, *, latency: float = 0.0, max_seconds: float = 3
             server.wait()
         if server.stdout:
             server.stdout.close()
+        if log:
+            log.close()
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web as aioweb
@@ -296,35 +297,46 @@ def serve_app(app: aioweb.Application, seconds: float = 60) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+def gather_photos_and_generic(web, sample: Path, tmp_path: Path, wnids: list[str],
+                              generic_paths: range) -> tuple[Path, list, Any, set[str]]:
+    """5 real photos per synset on the alive host, and the generic host's paths per synset;
+    every generic URL must end as placeholder and no copy of its picture stay in a class.
+    (urls.txt, lines, report, ids of the generic host's URLs)."""
+    alive, generic = web.hosts
+    lines = []
+    for w, wnid in enumerate(wnids):
+        lines += [(f"{wnid}_{k}", url) for k, url in
+                  enumerate(good_urls(web, alive, sample, wnid, 5, start=50 * w))]
+        lines += [(f"{wnid}_{k}", f"{web.base_url(generic)}/photos/{wnid}/{k}_w{k * 40}.jpg")
+                  for k in generic_paths]
+    urls = write_list(tmp_path / "urls.txt", lines)
+    out = tmp_path / "raw"
+    report = gather_synsets(urls, wnids, options(out, web))
+    journal = read_journal(out / "gather.jsonl")
+    generic_ids = {i for i, url in lines if generic.name in url}
+    assert {journal[i]["outcome"] for i in generic_ids} == {"placeholder"}
+    assert all(journal[i]["outcome"] == "ok" for i, _ in lines if i not in generic_ids)
+    kept = [p for p in out.rglob("*.jpg") if ".placeholders" not in p.parts]
+    assert len(kept) == 10  # the 10 real photos, no copy of the generic picture
+    assert all(report.overall[w]["ok"] == 5 for w in wnids)
+    return urls, lines, report, generic_ids
+
+
 def test_a_body_repeated_across_urls_and_synsets_is_a_placeholder_and_no_copy_stays(
         sample, tmp_path):
     hosts = [make_host(1, "alive"), make_host(2, "placeholder")]
     wnids = sorted(p.name for p in (sample / "files").iterdir())[:2]
     with serve_web.serve_web(sample, hosts, max_seconds=120) as web:
-        alive, generic = web.hosts
-        lines = []
-        for w, wnid in enumerate(wnids):
-            lines += [(f"{wnid}_{k}", url) for k, url in
-                      enumerate(good_urls(web, alive, sample, wnid, 5, start=50 * w))]
-            lines += [(f"{wnid}_{k}", f"{web.base_url(generic)}/photos/{wnid}/{k}.jpg")
-                      for k in range(100, 110)]
-        urls = write_list(tmp_path / "urls.txt", lines)
+        urls, lines, report, _ = gather_photos_and_generic(web, sample, tmp_path, wnids,
+                                                           range(100, 110))
         out = tmp_path / "raw"
-        report = gather_synsets(urls, wnids, options(out, web))
-        journal = read_journal(out / "gather.jsonl")
-        placeholder_ids = {i for i, url in lines if generic.name in url}
-        assert {journal[i]["outcome"] for i in placeholder_ids} == {"placeholder"}
-        assert all(journal[i]["outcome"] == "ok" for i, _ in lines if i not in placeholder_ids)
-        kept = [p for p in out.rglob("*.jpg") if ".placeholders" not in p.parts]
-        assert len(kept) == 10  # the 10 real photos, not one copy of the generic picture
         digest = web.placeholder_digests().pop()
         assert list(read_placeholders(out / "placeholders.txt")) == [digest]
         assert [p.stem for p in (out / ".placeholders").iterdir()] == [digest]
         assert report.placeholders_found == 1
-        assert all(report.overall[w]["ok"] == 5 for w in wnids)
 
         # A later run knows the digest: a new URL with those bytes is refused at once.
-        lines.append((f"{wnids[0]}_999", f"{web.base_url(generic)}/new.jpg"))
+        lines.append((f"{wnids[0]}_999", f"{web.base_url(web.hosts[1])}/new.jpg"))
         write_list(urls, lines)
         gather_synsets(urls, wnids, options(out, web))
         record = read_journal(out / "gather.jsonl")[f"{wnids[0]}_999"]
@@ -337,23 +349,11 @@ def test_a_placeholder_resized_per_url_is_found_though_no_two_bodies_match(sampl
     hosts = [make_host(1, "alive"), make_host(2, "resizing_placeholder")]
     wnids = sorted(p.name for p in (sample / "files").iterdir())[:2]
     with serve_web.serve_web(sample, hosts, max_seconds=120) as web:
-        alive, cdn = web.hosts
-        lines = []
-        for w, wnid in enumerate(wnids):
-            lines += [(f"{wnid}_{k}", url) for k, url in
-                      enumerate(good_urls(web, alive, sample, wnid, 5, start=50 * w))]
-            lines += [(f"{wnid}_{k}", f"{web.base_url(cdn)}/{wnid}/{k}_w{k * 40}.jpg")
-                      for k in range(100, 108)]
-        urls = write_list(tmp_path / "urls.txt", lines)
+        _, _, report, cdn_ids = gather_photos_and_generic(web, sample, tmp_path, wnids,
+                                                          range(100, 108))
         out = tmp_path / "raw"
-        report = gather_synsets(urls, wnids, options(out, web))
         journal = read_journal(out / "gather.jsonl")
-        cdn_ids = {i for i, url in lines if cdn.name in url}
         assert len({journal[i]["sha256"] for i in cdn_ids}) > 5  # other bytes, most of them
-        assert {journal[i]["outcome"] for i in cdn_ids} == {"placeholder"}
-        assert all(journal[i]["outcome"] == "ok" for i, _ in lines if i not in cdn_ids)
-        kept = [p for p in out.rglob("*.jpg") if ".placeholders" not in p.parts]
-        assert len(kept) == 10  # the 10 real photos, no size of the generic picture
         assert report.placeholders_found >= 1
         set_aside = list((out / ".placeholders").iterdir())
         assert set_aside and all(p.stem in read_placeholders(out / "placeholders.txt")

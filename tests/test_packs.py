@@ -19,10 +19,12 @@ from PIL import Image
 from pipeline.data import (
     DecodedBatches,
     EpochSampler,
+    _ImageSource,
     collate,
     decode_batch,
     make_loader,
     open_images,
+    sample_rng,
 )
 from pipeline.errors import InputError
 from pipeline.evaluate import evaluate_checkpoint
@@ -120,9 +122,9 @@ def test_a_shard_set_resumes_exactly_in_a_loader_with_workers(packs):
 
 
 def test_batched_decoding_makes_the_cpu_paths_crops(packs):
-    """The GPU path's code on CPU tensors: same windows as the loader's CPU path; without a
-    resize the very same pixels (libjpeg-turbo both), with one within resampling error."""
-    for spec, exact in ((SPEC, True), (InputSpec(crop=48, resize=60), False)):
+    """The GPU path's code on CPU tensors: same windows, same decoder and same scaling as the
+    loader's CPU path, so the very same pixels, with and without a resize."""
+    for spec in (SPEC, InputSpec(crop=48, resize=60)):
         cpu = open_images(packs["jpeg-shards"], spec, train=True, seed=5)
         deferred = open_images(packs["jpeg-shards"], spec, train=True, seed=5)
         deferred.defer_decoding()
@@ -131,9 +133,23 @@ def test_batched_decoding_makes_the_cpu_paths_crops(packs):
         pixels, bad = decode_batch(batch.jpegs(), batch.windows, spec.crop, torch.device("cpu"))
         expected = torch.stack([cpu[key][0] for key in keys])
         assert bad == [] and pixels.shape == expected.shape and pixels.dtype == torch.uint8
-        difference = (pixels.int() - expected.int()).abs().float()
-        assert (difference.max() == 0) if exact else (difference.mean() < 4)
+        assert torch.equal(pixels, expected)
         assert batch.labels.tolist() == [cpu[key][1] for key in keys]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_raw_pack_is_cut_without_pil_into_the_pil_paths_very_pixels(packs, train):
+    """The fast path (the crop read alone, flipped and transposed in numpy) against the
+    generic one (the whole image through PIL and InputSpec.apply)."""
+    images = open_images(packs["raw-shards"], SPEC, train=train, seed=7)
+    flips = 0
+    for index in (0, 24, 25, 80, 134):
+        fast, label_ = images[(index, 3)]
+        slow, expected_label = _ImageSource.__getitem__(images, (index, 3))
+        assert fast.is_contiguous() and fast.shape == (3, SPEC.crop, SPEC.crop)
+        assert torch.equal(fast, slow) and label_ == expected_label
+        flips += SPEC.window_of(SIZE, SIZE, train, sample_rng(7, 3, index)).flip
+    assert flips > 0 or not train  # the flip was exercised
 
 
 def test_batched_decoding_skips_only_a_corrupt_jpeg(packs):
