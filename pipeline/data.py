@@ -31,7 +31,7 @@ from torchvision.transforms.v2.functional import resize
 from pipeline.errors import InputError
 from pipeline.images import ImageDecodeError, decode_image
 from pipeline.manifest import read_labels, read_manifest
-from pipeline.packfile import IMAGES, is_packfile, read_pack
+from pipeline.packfile import EncodedImages, is_packfile, open_images_of, read_pack
 from pipeline.preprocess import InputSpec, Window
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class PackedImages(_ImageSource):
         self.shard_starts = np.cumsum([0] + [count for _, count in info.shards])
         self.deferred = False
         self._files: dict[int, h5py.File] = {}
-        self._datasets: dict[int, h5py.Dataset] = {}  # h5py's lookup by name costs ~0.1 ms
+        self._datasets: dict[int, h5py.Dataset | EncodedImages] = {}  # h5py's lookup by
+        # name costs ~0.1 ms a read
         self._pid = -1
 
     def defer_decoding(self) -> None:
@@ -154,14 +155,14 @@ class PackedImages(_ImageSource):
                              "with --encoding jpeg can be decoded on the GPU")
         self.deferred = True
 
-    def _locate(self, index: int) -> tuple[h5py.Dataset, int]:
+    def _locate(self, index: int) -> tuple[h5py.Dataset | EncodedImages, int]:
         """The images dataset holding row `index`, and the row within it."""
         shard = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
         if self._pid != os.getpid():
             self._files, self._datasets, self._pid = {}, {}, os.getpid()
         if shard not in self._datasets:
             self._files[shard] = h5py.File(self.shard_files[shard], "r")
-            self._datasets[shard] = self._files[shard][IMAGES]
+            self._datasets[shard] = open_images_of(self._files[shard])
         return self._datasets[shard], index - int(self.shard_starts[shard])
 
     def _row(self, index: int) -> np.ndarray:

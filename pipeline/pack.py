@@ -3,8 +3,10 @@
 Decoding JPEGs is the usual bottleneck of a CPU data loader; packing does it once. Images are
 resized/cropped (the same `square_image` as mean) and stored either raw (uint8, one image per
 HDF5 chunk, so the loader reads any image with a single chunk read) or, with `--encoding
-jpeg`, re-encoded at `--quality` (5-10x smaller; the loader then decodes, at reduced DCT
-scale where its crop allows, or on the GPU).
+jpeg`, re-encoded at `--quality` (5-10x smaller; the loader then decodes them, on the CPU or
+on the GPU). A source that is already what the pack would hold (a JPEG of exactly size x
+size, RGB, baseline, upright, encoded no finer than `--quality`) is stored as it is, as
+LitData and WebDataset store files: no generation loss, no bigger, ~5x faster.
 
 With `--shard-size N` the pack is a shard set (see pipeline/packfile.py): shards are written
 in parallel, each atomically, and a pack that was killed resumes at the shards it had not
@@ -23,16 +25,18 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.fsutil import TEMP_SUFFIX
-from pipeline.images import ImageDecodeError
+from pipeline.images import ImageDecodeError, decode_image
 from pipeline.manifest import ClassRecord, Manifest, read_labels, read_manifest
 from pipeline.packfile import (
     LABELS,
     PREPROCESSING,
     SOURCE,
-    create_images,
+    EncodedImages,
+    create_raw_images,
     finished_shard,
     shard_number,
     shard_path,
@@ -47,6 +51,12 @@ from pipeline.stage_options import ENCODINGS, JPEG_QUALITY, SIZE
 
 log = logging.getLogger(__name__)
 CHUNK = 32
+EXIF_ORIENTATION = 0x0112
+# The IJG luminance table (JPEG standard, Annex K) that libjpeg scales for a quality setting.
+STANDARD_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+                 14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+                 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+                 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
 
 
 @dataclass
@@ -147,12 +157,16 @@ def _write(manifest: Manifest, classes: list[ClassRecord], temp: Path, options: 
     count = len(manifest)
     result = PackResult(temp, 0, options.size)
     paths = [str(manifest.root / str(p)) for p in manifest.paths]
-    fill = _fill_raw if options.encoding == "raw" else _fill_encoded
     with h5py.File(temp, "w") as h5:
-        images = create_images(h5, count, options.size, options.encoding)
-        kept = fill(images, paths, options, workers, errors := {}, progress)
+        if options.encoding == "raw":
+            images = create_raw_images(h5, count, options.size)
+            kept = _fill_raw(images, paths, options, workers, errors := {}, progress)
+            images.resize(len(kept), axis=0)
+        else:
+            encoded = EncodedImages.create(h5)
+            kept = _fill_encoded(encoded, paths, options, workers, errors := {}, progress)
+            encoded.close()
         result.failed = [(str(manifest.paths[row]), error) for row, error in errors.items()]
-        images.resize(len(kept), axis=0)
         write_index(h5, labels=manifest.labels[kept], paths=[str(p) for p in manifest.paths[kept]],
                     size=options.size, root=manifest.root, classes=classes,
                     manifest=manifest_path, encoding=options.encoding,
@@ -188,7 +202,7 @@ def _fill_raw(images: h5py.Dataset, paths: list[str], options: PackOptions, work
     return kept
 
 
-def _fill_encoded(images: h5py.Dataset, paths: list[str], options: PackOptions, workers: int,
+def _fill_encoded(images: EncodedImages, paths: list[str], options: PackOptions, workers: int,
                   failed: dict[int, str], progress: Progress | None) -> list[int]:
     """Workers decode, square and JPEG-encode; the bytes are small enough to send back."""
     jobs = [(paths[start:start + CHUNK], options.size, options.quality)
@@ -196,11 +210,8 @@ def _fill_encoded(images: h5py.Dataset, paths: list[str], options: PackOptions, 
     kept: list[int] = []
     encoded = imap(_encode_chunk, jobs, workers, chunksize=1)
     for start, (good, errors) in zip(range(0, len(paths), CHUNK), encoded, strict=True):
-        block = np.empty(len(good), dtype=object)  # element-wise: equal lengths must not stack
-        for row, data in enumerate(good):
-            block[row] = np.frombuffer(data, np.uint8)
-        if len(good):
-            images[len(kept):len(kept) + len(good)] = block
+        if good:
+            images.append(good)
         chunk = len(jobs[start // CHUNK][0])
         kept.extend(_account(start, chunk, errors, failed))
         if progress is not None:
@@ -250,13 +261,45 @@ def _encode_chunk(job: tuple[list[str], int, int]) -> tuple[list[bytes], dict[in
     good, errors = [], {}
     for offset, path in enumerate(paths):
         try:
-            buffer = io.BytesIO()
-            square_image(path, size).save(buffer, "JPEG", quality=quality)
+            good.append(_jpeg_bytes(path, size, quality))
         except (ImageDecodeError, OSError) as exc:
             errors[offset] = str(exc)
-        else:
-            good.append(buffer.getvalue())
     return good, errors
+
+
+def _jpeg_bytes(path: str, size: int, quality: int) -> bytes:
+    """What the pack stores for one image: the file itself when it already fits, else the
+    squared image encoded at `quality`."""
+    data = Path(path).read_bytes()
+    if _fits_as_is(data, size, quality):
+        return data
+    buffer = io.BytesIO()
+    square_image(io.BytesIO(data), size).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _fits_as_is(data: bytes, size: int, quality: int) -> bool:
+    """A JPEG of size x size, RGB (YCbCr), baseline, upright and quantised no finer than
+    `quality` would be: re-encoding it could only lose detail. It must also decode to the
+    end (at 1/8 scale: fast, and a truncated file still fails)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if (image.format != "JPEG" or image.mode != "RGB" or image.size != (size, size)
+                    or "progression" in image.info or "progressive" in image.info
+                    or image.getexif().get(EXIF_ORIENTATION, 1) != 1
+                    or not image.quantization):
+                return False
+            luma = sum(image.quantization[0])
+        decode_image(data, min_side=1)
+    except (ImageDecodeError, OSError, SyntaxError, ValueError):
+        return False
+    return luma >= sum(_luma_table(quality))
+
+
+def _luma_table(quality: int) -> list[int]:
+    """The luminance quantisation table libjpeg (and so Pillow) uses at `quality`."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return [min(255, max(1, (value * scale + 50) // 100)) for value in STANDARD_LUMA]
 
 
 # -- a shard set

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -23,7 +23,7 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return _center_crop(_scale_shorter_side(image, size), size)
 
 
-def square_image(path: str | Path, size: int) -> Image.Image:
+def square_image(path: str | Path | BinaryIO, size: int) -> Image.Image:
     """Decode `path` (at reduced JPEG scale when possible) into a size x size RGB image."""
     return resize_center_crop(decode_image(path, min_side=size), size)
 

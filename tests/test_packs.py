@@ -75,8 +75,10 @@ def test_a_jpeg_pack_round_trips_within_jpeg_tolerance_and_is_plain_hdf5(manifes
         assert h5.attrs["encoding"] == "jpeg" and h5.attrs["quality"] == 90
         assert h5["labels"][:].tolist() == manifest.labels.tolist()
         assert [p.decode() for p in h5["paths"][:]] == manifest.paths.tolist()
+        offsets = h5["offsets"][:]
+        assert len(offsets) == len(manifest) + 1 and offsets[-1] == len(h5["images"])
         for index in range(len(manifest)):
-            data = h5["images"][index]  # any h5py user: an array of the JPEG file's bytes
+            data = h5["images"][offsets[index]:offsets[index + 1]]  # any h5py user: the bytes
             assert data.dtype == np.uint8 and data[:3].tobytes() == b"\xff\xd8\xff"
             pixels = np.asarray(Image.open(io.BytesIO(data.tobytes())).convert("RGB"))
             assert psnr(pixels, load_square(manifest.absolute(index), SIZE)) > 27  # q90, 4:2:0
@@ -279,8 +281,8 @@ def test_a_pack_killed_midway_resumes_and_equals_an_uninterrupted_one(manifests,
         with h5py.File(shard_path(killed, number)) as a, \
                 h5py.File(shard_path(reference, number)) as b:
             assert a["labels"][:].tolist() == b["labels"][:].tolist()
-            assert all(np.array_equal(x, y) for x, y in zip(a["images"][:], b["images"][:],
-                                                             strict=True))
+            assert np.array_equal(a["images"][:], b["images"][:])
+            assert np.array_equal(a["offsets"][:], b["offsets"][:])
     assert read_pack(killed).labels.tolist() == read_pack(reference).labels.tolist()
 
 
@@ -295,3 +297,46 @@ def test_packing_again_removes_only_stale_shards_of_ours(manifests, tmp_path):
     pack(manifests / "train.txt", index, size=SIZE)  # one file: the shard set is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-20240.h5", "train.h5"]
     assert len(read_pack(index).labels) == 135
+
+
+def test_a_jpeg_that_already_fits_is_stored_as_it_is_and_others_are_re_encoded(tmp_path):
+    """A size x size baseline JPEG no finer than --quality keeps its bytes (no generation
+    loss, as LitData and WebDataset keep files); anything else is squared and encoded."""
+    files = tmp_path / "files"
+    sources = {}
+    for c, wnid in enumerate(("n00000001", "n00000002")):
+        for i, (size, fmt, options) in enumerate((
+                ((SIZE, SIZE), "JPEG", {"quality": 90}),  # fits: kept
+                ((SIZE, SIZE), "JPEG", {"quality": 75}),  # coarser: kept
+                ((SIZE, SIZE), "JPEG", {"quality": 98}),  # finer than asked: re-encoded
+                ((SIZE, SIZE), "JPEG", {"quality": 90, "progressive": True}),  # re-encoded
+                ((SIZE + 20, SIZE), "JPEG", {"quality": 90}),  # not square: re-encoded
+                ((SIZE, SIZE), "PNG", {}))):  # re-encoded
+            path = files / wnid / f"{wnid}_{i}.{fmt.lower().replace('jpeg', 'jpg')}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(c * 10 + i)
+            pixels = np.kron(rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3)),
+                             np.ones((8, 8, 1)))[:size[1], :size[0]].astype(np.uint8)
+            Image.fromarray(pixels).save(path, fmt, **options)
+            sources[path.relative_to(files).as_posix()] = (i, path.read_bytes())
+    label(files, tmp_path / "manifests", val_ratio=0.0)
+    result = pack(tmp_path / "manifests" / "train.txt", tmp_path / "pack.h5", size=SIZE,
+                  encoding="jpeg", quality=90)
+    assert result.count == 12 and not result.failed
+    with h5py.File(tmp_path / "pack.h5", "r") as h5:
+        data, offsets = h5["images"][:].tobytes(), h5["offsets"][:].tolist()
+        stored = {path.decode(): data[start:end] for path, start, end
+                  in zip(h5["paths"][:], offsets[:-1], offsets[1:], strict=True)}
+    for path, (kind, original) in sources.items():
+        assert (stored[path] == original) == (kind in (0, 1)), path
+        decoded = Image.open(io.BytesIO(stored[path]))
+        assert decoded.size == (SIZE, SIZE) and decoded.mode == "RGB"
+
+
+def test_a_jpeg_pack_in_an_earlier_layout_is_one_clear_error(packs, tmp_path):
+    old = tmp_path / "old.h5"
+    shutil.copy(packs["jpeg"], old)
+    with h5py.File(old, "a") as h5:
+        h5.attrs["layout"] = "N JPEG (vlen uint8)"
+    with pytest.raises(InputError, match="earlier layout.*pack it again"):
+        open_images(old, SPEC, train=True)
