@@ -157,6 +157,6 @@ def test_report_shows_the_data_quality_the_stages_wrote(dataset, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     page = build_report(run).read_text()
     assert "Data quality" in page and "n01323068" in page and stray[1] in page
-    assert "13 group(s) of copies" in page and "1 repeated image(s)" in page
+    assert "13 group(s) of copies" in page and "1 placeholder body(ies) listed" in page
     assert (run / "duplicates.png").exists()
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before  # only read
