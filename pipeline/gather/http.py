@@ -57,7 +57,8 @@ def _failed(outcome: str, error: str, *, retry: bool = False,
 
 
 def _cut_short(read_timeout: float) -> Attempt:
-    """Our impatience, not the host's failure: retried in this run with the full --timeout."""
+    """Our impatience, not the host's failure: retried once in this run, with the host's timer
+    doubled (the next run, with the full --timeout)."""
     attempt = _failed("timeout", f"no data for {read_timeout:.1f} s, far longer than this host "
                                  "usually takes", retry=True, connection=False)
     attempt.cut_short = True

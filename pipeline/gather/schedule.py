@@ -45,6 +45,7 @@ class Job:
     attempts: int = 0
     seconds: float = 0.0
     last_error: str = ""
+    cut_short: bool = False  # an attempt was cut at its host's own read timeout
 
 
 @dataclass
