@@ -117,13 +117,14 @@ class ViewSet:
         self.coarse = np.append(self.coarse, np.uint64(view[0]))
         self.fine = np.vstack([self.fine, np.array(view[1], np.uint64)])
 
-    def has_near(self, view: View, coarse_distance: int, fine_distance: int) -> bool:
-        """Whether a view of the set is within both distances of `view`."""
-        close = np.bitwise_count(self.coarse ^ np.uint64(view[0])) <= coarse_distance
-        if not close.any():
-            return False
+    def near(self, view: View, coarse_distance: int, fine_distance: int) -> list[int]:
+        """The positions (in order added) of the views within both distances of `view`."""
+        close = np.flatnonzero(np.bitwise_count(self.coarse ^ np.uint64(view[0]))
+                               <= coarse_distance)
+        if not close.size:
+            return []
         fine = np.bitwise_count(self.fine[close] ^ np.array(view[1], np.uint64)).sum(axis=1)
-        return bool((fine <= fine_distance).any())
+        return close[fine <= fine_distance].tolist()
 
 
 def _bits(block: np.ndarray) -> np.ndarray:

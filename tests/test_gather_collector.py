@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import journal as journal_module
 from pipeline.fsutil import JsonLinesWriter
@@ -240,7 +241,7 @@ def test_a_placeholder_resized_and_re_encoded_per_url_is_found_by_its_perceptual
     assert set_aside == {generic[0], generic[1]}
     known = read_placeholders(options.placeholders_path)
     assert set(known) == {hashlib.sha256(body).hexdigest() for body in generic[:3]}
-    assert all(len(phash) == 80 for phash in known.values())
+    assert all(len(phash) == 104 for phash in known.values())  # hashes, then colours
     assert collector.placeholders_found == 1 and collector.ok_counts == {"n1": 2, "n2": 0,
                                                                          "n3": 0}
     assert len(collector.near.offsets_near(int(known[hashlib.sha256(
@@ -262,3 +263,36 @@ def test_different_photos_that_look_alike_are_never_taken_for_a_placeholder(samp
     outcomes = Counter(r["outcome"] for r in read_journal(options.journal_path).values())
     assert outcomes == {"ok": len(files)}, outcomes
     assert collector.placeholders_found == 0 and len(collector.near) == len(files)
+
+
+def card(colours: tuple[tuple[int, int, int], tuple[int, int, int]], scale: float = 1.0
+         ) -> bytes:
+    """A framed caption on a plain background: the same brightness pattern in any pair of
+    colours of the same luminance; `scale` resizes the picture."""
+    ink, background = colours
+    image = Image.new("RGB", (320, 240), background)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((20, 20, 299, 219), outline=ink, width=3)
+    draw.text((160, 120), "no photo here", fill=ink, font=ImageFont.load_default(size=24),
+              anchor="mm")
+    if scale != 1.0:
+        image = image.resize((round(320 * scale), round(240 * scale)), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_pictures_alike_in_brightness_but_not_in_colour_are_no_placeholder(tmp_path):
+    """The perceptual hashes see brightness only; the colour cells keep three different
+    photos of the same layout apart, and still join the sizes of one picture."""
+    schemes = [((60, 60, 60), (150, 150, 150)), ((190, 0, 220), (100, 160, 230)),
+               ((20, 110, 20), (250, 120, 90))]
+    options = GatherOptions(out=tmp_path, placeholder_after=3)
+    gather_bodies(options, [(entry(n), card(scheme)) for n, scheme in enumerate(schemes)])
+    outcomes = {i: r["outcome"] for i, r in read_journal(options.journal_path).items()}
+    assert outcomes == {"n1_0": "ok", "n1_1": "ok", "n1_2": "ok"}
+    gather_bodies(options, [(entry(10 + n, "n2"), card(schemes[1], scale))
+                            for n, scale in enumerate((0.75, 1.5))])
+    outcomes = {i: r["outcome"] for i, r in read_journal(options.journal_path).items()}
+    assert [outcomes[i] for i in ("n1_0", "n1_1", "n1_2", "n2_10", "n2_11")] == [
+        "ok", "placeholder", "ok", "placeholder", "placeholder"]

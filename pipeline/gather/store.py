@@ -21,9 +21,10 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from pipeline.fsutil import FILE_MODE, TEMP_SUFFIX, JsonLinesWriter
 from pipeline.gather.digests import DigestRows, NearRows
@@ -59,6 +60,41 @@ _COPIES = frozenset({"ok", "duplicate"})  # outcomes whose bytes later images ar
 # flat picture is the less stable of the two, the fine one decides.
 PLACEHOLDER_COARSE = 7  # of 64 bits (NearRows finds at most 7)
 PLACEHOLDER_FINE = 32  # of 256 bits
+# The hashes see brightness only: 10,000 pictures of one synthetic class (a disc on a plain
+# background, in random colours) had 209 pairs within both distances, 14 triples. Their mean
+# colours in 2 x 2 cells tell them apart (no pair within 24 levels), while a placeholder's
+# sizes and qualities stay within 3.
+COLOUR_CELLS = 2
+PLACEHOLDER_COLOUR = 12  # levels (of 255) any cell's channel may differ by
+
+
+class Fingerprint(NamedTuple):
+    """What tells a re-encoded or resized copy of an image: its perceptual hashes and its
+    colour in COLOUR_CELLS x COLOUR_CELLS cells. As text (the journal's `phash`): the view's
+    80 hex digits, then 24 for the colour."""
+
+    view: View
+    colour: bytes
+
+    @classmethod
+    def of(cls, image: Image.Image) -> Fingerprint:
+        cells = image.convert("RGB").resize((COLOUR_CELLS, COLOUR_CELLS), Image.BOX)
+        return cls(hash_view(image), cells.tobytes())
+
+    @classmethod
+    def from_hex(cls, text: str) -> Fingerprint:
+        return cls(view_from_hex(text[:80]), bytes.fromhex(text[80:]))
+
+    def to_hex(self) -> str:
+        return view_to_hex(self.view) + self.colour.hex()
+
+    def same_colours(self, other: bytes) -> bool:
+        """Within PLACEHOLDER_COLOUR in every cell and channel (unknown colours: yes)."""
+        if not self.colour or not other:
+            return True
+        difference = np.abs(np.frombuffer(self.colour, np.uint8).astype(np.int16)
+                            - np.frombuffer(other, np.uint8))
+        return bool(difference.max() <= PLACEHOLDER_COLOUR)
 
 
 @dataclass
@@ -71,7 +107,7 @@ class Staged:
     sha256: str
     temp: str | None = None
     path: str | None = None
-    phash: str = ""  # the perceptual hash (perceptual.view_to_hex) of a decodable image
+    phash: str = ""  # the Fingerprint of a decodable image, as text
 
 
 def target_stem(out: Path, entry: UrlEntry) -> Path:
@@ -114,7 +150,7 @@ def inspect_image(body: bytes, min_size: int) -> tuple[ImageDecodeError | None, 
         image = decode_image(body, min_side=max(min_size, DECODE_SIDE), min_size=min_size)
     except ImageDecodeError as problem:
         return problem, ""
-    return None, view_to_hex(hash_view(image))
+    return None, Fingerprint.of(image).to_hex()
 
 
 class Collector:
@@ -144,8 +180,9 @@ class Collector:
         self.near = NearRows(PLACEHOLDER_COARSE)  # the same lines, by perceptual hash
         known = read_placeholders(options.placeholders_path)
         self.placeholders = set(known)
-        self.placeholder_views = ViewSet(view_from_hex(phash) for phash in known.values()
-                                         if phash)
+        marks = [Fingerprint.from_hex(phash) for phash in known.values() if phash]
+        self.placeholder_views = ViewSet(mark.view for mark in marks)
+        self.placeholder_colours = [mark.colour for mark in marks]
         self.placeholders_found = 0
         self._placeholder_urls: dict[str, int] = {}  # digest -> URLs when found this run
         for offset, record in index.last_records(options.journal_path, _COPIES):
@@ -212,14 +249,14 @@ class Collector:
         if record.get("sha256"):
             self.copies.add(record["sha256"], offset)
         if record.get("phash"):
-            self.near.add(view_from_hex(record["phash"])[0], offset)
+            self.near.add(Fingerprint.from_hex(record["phash"]).view[0], offset)
 
     def _forget(self, record: dict[str, Any], offset: int) -> None:
         """The inverse of _hold: an image taken back."""
         if record.get("sha256"):
             self.copies.remove(record["sha256"], offset)
         if record.get("phash"):
-            self.near.remove(view_from_hex(record["phash"])[0], offset)
+            self.near.remove(Fingerprint.from_hex(record["phash"]).view[0], offset)
 
     def _write(self, klass: str, record: dict[str, Any]) -> int:
         offset = self.journal.write(record)
@@ -253,29 +290,40 @@ class Collector:
         """Why this image is a placeholder (known, near-identical to a known one, or the one
         too many of a repeated image, whose copies are then taken back); empty when not."""
         digest, listed = staged.sha256, self.options.placeholders_path.name
-        view = view_from_hex(staged.phash) if staged.phash else None
+        mark = Fingerprint.from_hex(staged.phash) if staged.phash else None
         if digest not in self.placeholders:
-            if view is not None and self.placeholder_views.has_near(view, PLACEHOLDER_COARSE,
-                                                                    PLACEHOLDER_FINE):
+            if mark is not None and self._near_known_placeholder(mark):
                 self._remember(digest, staged.phash)
                 return f"near-identical to a placeholder listed in {listed}"
-            alike = copies + (self._near_copies_of(view, {offset for offset, _ in copies})
-                              if view is not None else [])
+            alike = copies + (self._near_copies_of(mark, {offset for offset, _ in copies})
+                              if mark is not None else [])
             if not self._makes_placeholder(digest, alike, entry.url):
                 return ""
             self._declare_placeholder(digest, staged, alike)
         return (f"repeated body: the same or a near-identical image came for "
                 f"{self._placeholder_urls.get(digest) or 'many'} URLs (listed in {listed})")
 
-    def _near_copies_of(self, view: View, exclude: set[int]
+    def _near_known_placeholder(self, mark: Fingerprint) -> bool:
+        """Compared by the fine hash and colours alone: the known set is small enough to
+        scan, and a size of a flat picture can differ in more coarse bits than the index
+        of kept images finds (NearRows: at most 7)."""
+        return any(mark.same_colours(self.placeholder_colours[position]) for position
+                   in self.placeholder_views.near(mark.view, 64, PLACEHOLDER_FINE))
+
+    def _near_copies_of(self, mark: Fingerprint, exclude: set[int]
                         ) -> list[tuple[int, dict[str, Any]]]:
         """(offset, record) of every kept or duplicate image with other bytes and a
-        near-identical perceptual hash (none is read back for a new-looking image)."""
-        offsets = [offset for offset in self.near.offsets_near(view[0]) if offset not in exclude]
+        near-identical fingerprint (none is read back for a new-looking image)."""
+        offsets = [offset for offset in self.near.offsets_near(mark.view[0])
+                   if offset not in exclude]
         return [(offset, record) for offset, record
                 in read_records(self.options.journal_path, offsets)
-                if record.get("phash")
-                and fine_distance(view, view_from_hex(record["phash"])) <= PLACEHOLDER_FINE]
+                if record.get("phash") and self._alike(mark, Fingerprint.from_hex(record["phash"]))]
+
+    @staticmethod
+    def _alike(mark: Fingerprint, other: Fingerprint) -> bool:
+        return (fine_distance(mark.view, other.view) <= PLACEHOLDER_FINE
+                and mark.same_colours(other.colour))
 
     def _copies_of(self, digest: str) -> list[tuple[int, dict[str, Any]]]:
         """(offset, record) of every kept or duplicate image with these bytes, read back from
@@ -305,9 +353,11 @@ class Collector:
     def _declare_placeholder(self, digest: str, staged: Staged,
                              copies: list[tuple[int, dict[str, Any]]]) -> None:
         """Remember the body and its copies' (a resized copy can be nearer the next one),
-        then take back every copy kept so far."""
+        then take back every copy kept so far: those found, and the images near-identical
+        to any of them, transitively (a size far from this one can be near another)."""
         self.placeholders_found += 1
         self._remember(digest, staged.phash)
+        copies = self._with_family(copies)
         for offset, copy in copies:
             self._remember(copy["sha256"], copy.get("phash") or "")
             self._forget(copy, offset)
@@ -325,6 +375,18 @@ class Collector:
                 "error": f"repeated body, found later (set aside in {PLACEHOLDER_DIR}/)",
                 "attempts": 0, "seconds": 0.0, "time": round(time.time(), 3)})
 
+    def _with_family(self, copies: list[tuple[int, dict[str, Any]]]
+                     ) -> list[tuple[int, dict[str, Any]]]:
+        """`copies` and every kept image near-identical to one of them, and so on."""
+        family = dict(copies)
+        todo = [record for _, record in copies if record.get("phash")]
+        while todo:
+            mark = Fingerprint.from_hex(todo.pop()["phash"])
+            for offset, record in self._near_copies_of(mark, set(family)):
+                family[offset] = record
+                todo.append(record)
+        return list(family.items())
+
     def _remember(self, digest: str, phash: str) -> None:
         """A placeholder body, in placeholders.txt and in memory: rejected from now on, and
         so is every image near-identical to it."""
@@ -332,7 +394,9 @@ class Collector:
             return
         self.placeholders.add(digest)
         if phash:
-            self.placeholder_views.add(view_from_hex(phash))
+            mark = Fingerprint.from_hex(phash)
+            self.placeholder_views.add(mark.view)
+            self.placeholder_colours.append(mark.colour)
         with open(self.options.placeholders_path, "a", encoding="utf-8") as handle:
             handle.write(placeholder_line(digest, phash))
 
