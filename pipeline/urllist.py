@@ -150,12 +150,13 @@ def safe_file_stem(image_id: str) -> str:
     return stem[:200] or "unnamed"
 
 
-def select_urls(path: Path, classes: dict[str, str], spool_dir: Path | None = None
-                ) -> Selection:
+def select_urls(path: Path, classes: dict[str, str], spool_dir: Path | None = None, *,
+                check_found: bool = True) -> Selection:
     """Stream `path` and keep the entries whose wnid is a key of `classes` (wnid -> class),
     spooled to a temp file in `spool_dir` (the system's temp folder by default).
 
-    Raises InputError for a missing/unreadable list, or when a requested wnid has no line.
+    Raises InputError for a missing/unreadable list, or (unless the caller checks that itself,
+    `check_found=False`) when a class has no line.
     """
     wanted = {wnid.encode(): (wnid, klass) for wnid, klass in classes.items()}
     selection = Selection(tempfile.TemporaryFile(dir=spool_dir), spool_dir)  # noqa: SIM115
@@ -176,7 +177,8 @@ def select_urls(path: Path, classes: dict[str, str], spool_dir: Path | None = No
     except BaseException:
         selection.spool.close()
         raise
-    _check_all_found(path, classes, selection)
+    if check_found:
+        check_all_found(path, set(classes.values()), selection)
     return selection
 
 
@@ -342,8 +344,9 @@ def _escape(raw: bytes) -> str:
     return raw.decode("ascii")
 
 
-def _check_all_found(path: Path, classes: dict[str, str], selection: Selection) -> None:
-    missing = sorted(set(classes.values()) - selection.classes)
+def check_all_found(path: Path, classes: set[str], selection: Selection) -> None:
+    """Raise InputError (closing the selection) when one of `classes` has no entry."""
+    missing = sorted(classes - selection.classes)
     if missing:
         selection.spool.close()
         raise InputError(

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from test_gather import kept_files, options
 
+from pipeline.errors import InputError
 from pipeline.gather import gather_synsets
 from pipeline.journal import read_journal
 from pipeline.urllist import read_hyponym_conflicts, read_is_a, read_words, resolve_hyponyms
@@ -86,3 +87,23 @@ def test_gather_reports_and_resolves_hyponym_conflicts(sample, mirror, tmp_path,
     summary = report.summary(read_words(DATA / "words_excerpt.txt"))
     assert "lion cub" in summary
     assert "1 hyponym(s) under two requested classes (3 URL(s))" in summary
+
+
+@pytest.mark.parametrize("policy", ["drop", "first"])
+def test_a_class_left_only_with_shared_hyponyms_is_an_error_not_a_silent_gap(sample, tmp_path,
+                                                                              policy):
+    """Cub's only URLs are of tiger cubs, which tiger claims too: dropped (or filed under
+    tiger, the first asked for), cub would vanish from the dataset without a word."""
+    (tmp_path / "urls.txt").write_text("".join(
+        f"{wnid}_{n}\thttp://127.0.0.1:9/{wnid}/{n}.jpg\n"
+        for wnid in (TIGER, TIGER_CUB) for n in range(3)))
+    with pytest.raises(InputError) as raised:
+        gather_synsets(tmp_path / "urls.txt", [TIGER, CUB],
+                       options(tmp_path / "raw", sample, hyponym_conflicts=policy), is_a=IS_A,
+                       with_hyponyms=True)
+    message = str(raised.value)
+    assert message.startswith(f"class {CUB} has no URL of its own")
+    assert (f"{TIGER_CUB} (dropped)" if policy == "drop"
+            else f"{TIGER_CUB} (filed under {TIGER})") in message
+    assert "\n" not in message
+    assert read_hyponym_conflicts(tmp_path / "raw" / "hyponym_conflicts.txt")[0]["urls"] == "3"

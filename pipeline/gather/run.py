@@ -30,6 +30,7 @@ from pipeline.tables import format_table
 from pipeline.urllist import (
     HYPONYM_CONFLICTS_NAME,
     Selection,
+    check_all_found,
     check_wnid,
     read_is_a,
     resolve_hyponyms,
@@ -129,7 +130,7 @@ def _select_with_hyponyms(urls: Path, wnids: list[str], is_a: dict[str, list[str
     OUT/hyponym_conflicts.txt)."""
     hyponyms = resolve_hyponyms(wnids, is_a)
     classes = {**hyponyms.classes, **{w: ks[0] for w, ks in hyponyms.conflicts.items()}}
-    selection = select_urls(urls, classes, options.out)
+    selection = select_urls(urls, classes, options.out, check_found=False)
     counts = Counter(e.wnid for e in selection if e.wnid in hyponyms.conflicts)
     drop = options.hyponym_conflicts == "drop"
     if drop and counts:
@@ -143,7 +144,29 @@ def _select_with_hyponyms(urls: Path, wnids: list[str], is_a: dict[str, list[str
     path = options.out / HYPONYM_CONFLICTS_NAME
     if rows or path.exists():  # an earlier run's list is replaced, even by an empty one
         write_hyponym_conflicts(path, rows)
+    _check_every_class_kept(urls, wnids, selection, [row for row in rows if row[2]])
     return selection, rows
+
+
+def _check_every_class_kept(urls: Path, wnids: list[str], selection: Selection,
+                            conflicts: list[tuple[str, list[str], int, str]]) -> None:
+    """A requested class whose only URLs are of hyponyms it shares with another class would
+    silently vanish from the dataset: say so, and how to keep it."""
+    for klass in wnids:
+        if klass in selection.classes:
+            continue
+        shared = [(wnid, resolution) for wnid, klasses, _, resolution in conflicts
+                  if klass in klasses]
+        if shared:
+            selection.spool.close()
+            listed = ", ".join(
+                f"{wnid} ({resolution if resolution == 'dropped' else 'filed under ' + resolution})"
+                for wnid, resolution in shared)
+            raise InputError(
+                f"class {klass} has no URL of its own in {urls}: its only ones are of hyponyms "
+                f"it shares with another requested class: {listed}; ask for the hyponym as a "
+                "class of its own, or leave one of the classes out")
+    check_all_found(urls, set(wnids), selection)
 
 
 def _report_quirks(urls: Path, selection: Selection) -> None:
