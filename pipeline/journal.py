@@ -12,9 +12,11 @@ import logging
 from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -173,23 +175,64 @@ def read_records(path: Path, offsets: Iterable[int]) -> Iterator[tuple[int, dict
                 yield offset, record
 
 
-def read_placeholders(path: Path) -> dict[str, str]:
-    """The bodies a gather run found to be placeholders: SHA-256 -> perceptual hash (80 hex
-    digits; empty for lines written before gather hashed images), one "digest [phash]" line
-    each."""
+class KnownPlaceholder(NamedTuple):
+    """A line of placeholders.txt: a body found to be a placeholder, and (when it was
+    hashed) its perceptual fingerprint and the site that served it."""
+
+    digest: str
+    fingerprint: str = ""
+    site: str = ""
+
+
+_SHA256_DIGITS = 64
+
+
+def read_placeholders(path: Path, fingerprint_digits: int | None = None
+                      ) -> dict[str, KnownPlaceholder]:
+    """The bodies a gather run found to be placeholders, by SHA-256: one
+    `<sha256> [<fingerprint> <site>]` line each. A fingerprint of another length than
+    `fingerprint_digits` (when given) is an error, as is any malformed line, except a last
+    line cut short by a kill (no newline): that one is skipped, the body is found again."""
     if not path.exists():
         return {}
-    found = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    found: dict[str, KnownPlaceholder] = {}
+    for number, line in enumerate(lines, 1):
         fields = line.split()
-        if fields:
-            found[fields[0]] = fields[1] if len(fields) > 1 else ""
+        if not fields:
+            continue
+        known = _placeholder_of(fields, fingerprint_digits)
+        if known is not None:
+            found[known.digest] = known
+        elif number == len(lines) and not text.endswith("\n"):
+            log.warning("%s: line %d was cut short by an interrupted run: skipped", path, number)
+        else:
+            raise InputError(
+                f"{path}: line {number} is not '<sha256> [<fingerprint> <site>]' "
+                f"({line[:40]!r}): delete that line (a placeholder that repeats is found again)")
     return found
 
 
-def placeholder_line(digest: str, phash: str) -> str:
+def _placeholder_of(fields: list[str], fingerprint_digits: int | None) -> KnownPlaceholder | None:
+    digest, *rest = fields
+    if len(digest) != _SHA256_DIGITS or not _is_hex(digest) or len(rest) not in (0, 2):
+        return None
+    if rest and (not _is_hex(rest[0]) or fingerprint_digits not in (None, len(rest[0]))):
+        return None
+    fingerprint, site = rest or ("", "")
+    return KnownPlaceholder(digest, fingerprint, "" if site == "-" else site)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def placeholder_line(known: KnownPlaceholder) -> str:
     """One line of placeholders.txt (see read_placeholders)."""
-    return f"{digest} {phash}\n" if phash else f"{digest}\n"
+    if known.fingerprint:
+        return f"{known.digest} {known.fingerprint} {known.site or '-'}\n"
+    return f"{known.digest}\n"
 
 
 def _code(record: dict[str, Any]) -> int:

@@ -36,6 +36,7 @@ HASH_SIDE = 32  # the image is shrunk to HASH_SIDE x HASH_SIDE before the DCT
 COARSE_SIDE = 8  # 8 x 8 = 64 bits, indexed
 FINE_SIDE = 16  # 16 x 16 = 256 bits, four uint64 words, to confirm
 FINE_WORDS = FINE_SIDE * FINE_SIDE // 64
+VIEW_DIGITS = 16 * (1 + FINE_WORDS)  # a view as hex: coarse, then fine
 DECODE_SIDE = 128  # JPEGs decode at the DCT scale that keeps this shorter side
 BLOCKS = 4
 BLOCK_BITS = 64 // BLOCKS
@@ -82,15 +83,15 @@ def hash_view(image: Image.Image) -> View:
 
 
 def view_to_hex(view: View) -> str:
-    """A view as 80 hex digits (coarse, then fine): how the gather journal stores it."""
+    """A view as VIEW_DIGITS hex digits (coarse, then fine): how gather's journal stores it."""
     coarse, fine = view
     return f"{coarse:016x}" + "".join(f"{word:016x}" for word in fine)
 
 
 def view_from_hex(text: str) -> View:
     """The inverse of view_to_hex; ValueError for anything else."""
-    if len(text) != 16 * (1 + FINE_WORDS):
-        raise ValueError(f"a perceptual hash has {16 * (1 + FINE_WORDS)} hex digits")
+    if len(text) != VIEW_DIGITS:
+        raise ValueError(f"a perceptual hash has {VIEW_DIGITS} hex digits")
     words = [int(text[i:i + 16], 16) for i in range(0, len(text), 16)]
     return words[0], tuple(words[1:])
 
@@ -102,28 +103,33 @@ def fine_distance(a: View, b: View) -> int:
 
 class ViewSet:
     """A few hundred views at most (known placeholders), compared with a new one in one
-    vectorised step."""
+    vectorised step; grown by doubling, so adding one by one stays linear."""
 
     def __init__(self, views: Iterable[View] = ()) -> None:
-        self.coarse = np.empty(0, np.uint64)
-        self.fine = np.empty((0, FINE_WORDS), np.uint64)
+        self._coarse = np.empty(16, np.uint64)
+        self._fine = np.empty((16, FINE_WORDS), np.uint64)
+        self._count = 0
         for view in views:
             self.add(view)
 
     def __len__(self) -> int:
-        return len(self.coarse)
+        return self._count
 
     def add(self, view: View) -> None:
-        self.coarse = np.append(self.coarse, np.uint64(view[0]))
-        self.fine = np.vstack([self.fine, np.array(view[1], np.uint64)])
+        if self._count == len(self._coarse):
+            self._coarse = np.resize(self._coarse, 2 * self._count)
+            self._fine = np.resize(self._fine, (2 * self._count, FINE_WORDS))
+        self._coarse[self._count] = view[0]
+        self._fine[self._count] = view[1]
+        self._count += 1
 
     def near(self, view: View, coarse_distance: int, fine_distance: int) -> list[int]:
         """The positions (in order added) of the views within both distances of `view`."""
-        close = np.flatnonzero(np.bitwise_count(self.coarse ^ np.uint64(view[0]))
-                               <= coarse_distance)
+        coarse = self._coarse[:self._count]
+        close = np.flatnonzero(np.bitwise_count(coarse ^ np.uint64(view[0])) <= coarse_distance)
         if not close.size:
             return []
-        fine = np.bitwise_count(self.fine[close] ^ np.array(view[1], np.uint64)).sum(axis=1)
+        fine = np.bitwise_count(self._fine[close] ^ np.array(view[1], np.uint64)).sum(axis=1)
         return close[fine <= fine_distance].tolist()
 
 

@@ -16,11 +16,20 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import journal as journal_module
+from pipeline.errors import InputError
 from pipeline.fsutil import JsonLinesWriter
 from pipeline.gather import digests
 from pipeline.gather.digests import DigestRows, NearRows, digest_key
 from pipeline.gather.options import GatherOptions
-from pipeline.gather.store import Collector, Staged, StemIndex, stage_body, target_stem
+from pipeline.gather.store import (
+    FINGERPRINT_DIGITS,
+    Collector,
+    Fingerprint,
+    Staged,
+    StemIndex,
+    stage_body,
+    target_stem,
+)
 from pipeline.journal import JournalIndex, read_journal, read_placeholders, read_records
 from pipeline.urllist import UrlEntry
 
@@ -125,8 +134,10 @@ def test_files_on_disk_are_held_as_stem_hashes(tmp_path):
     assert StemIndex.scan(tmp_path, ["n9"]).contains(["x"]) == [False]
 
 
-def entry(number: int, klass: str = "n1", url: str = "") -> UrlEntry:
-    return UrlEntry(f"{klass}_{number}", klass, url or f"http://h{number}/{number}.jpg", klass)
+def entry(number: int, klass: str = "n1", url: str = "", host: str = "") -> UrlEntry:
+    """A URL of its own host (`h<number>`) unless a host or the whole URL is given."""
+    url = url or f"http://{host or f'h{number}'}/{number}.jpg"
+    return UrlEntry(f"{klass}_{number}", klass, url, klass)
 
 
 def staged(out: Path, item: UrlEntry, body: bytes) -> Staged:
@@ -229,9 +240,11 @@ def test_a_placeholder_resized_and_re_encoded_per_url_is_found_by_its_perceptual
     generic = [serve_web.placeholder_jpeg("cdn.example", *variant)
                for variant in ((1.0, 85), (0.5, 60), (1.5, 92), (2.0, 70))]
     assert len({hashlib.sha256(body).hexdigest() for body in generic}) == 4
+    cdn = "img2.cdn.example"  # one site, whichever of its hosts answers
     collector = gather_bodies(options, [
-        (entry(1), photo(1)), (entry(2), generic[0]), (entry(3, "n2"), generic[1]),
-        (entry(4), photo(2)), (entry(5, "n3"), generic[2])])
+        (entry(1), photo(1)), (entry(2, host=cdn), generic[0]),
+        (entry(3, "n2", host="img7.cdn.example"), generic[1]), (entry(4, host=cdn), photo(2)),
+        (entry(5, "n3", host=cdn), generic[2])])
     outcomes = {i: r["outcome"] for i, r in read_journal(options.journal_path).items()}
     assert outcomes == {"n1_1": "ok", "n1_2": "placeholder", "n2_3": "placeholder",
                         "n1_4": "ok", "n3_5": "placeholder"}
@@ -239,19 +252,86 @@ def test_a_placeholder_resized_and_re_encoded_per_url_is_found_by_its_perceptual
     # the two copies kept before, each set aside under its own digest: nothing is lost
     set_aside = {p.read_bytes() for p in (tmp_path / ".placeholders").iterdir()}
     assert set_aside == {generic[0], generic[1]}
-    known = read_placeholders(options.placeholders_path)
+    known = read_placeholders(options.placeholders_path, FINGERPRINT_DIGITS)
     assert set(known) == {hashlib.sha256(body).hexdigest() for body in generic[:3]}
-    assert all(len(phash) == 104 for phash in known.values())  # hashes, then colours
+    assert {entry.site for entry in known.values()} == {"cdn.example"}
     assert collector.placeholders_found == 1 and collector.ok_counts == {"n1": 2, "n2": 0,
                                                                          "n3": 0}
-    assert len(collector.near.offsets_near(int(known[hashlib.sha256(
-        generic[0]).hexdigest()][:16], 16))) == 0  # taken back from the index too
+    first = known[hashlib.sha256(generic[0]).hexdigest()].fingerprint
+    assert len(collector.near.offsets_near(int(first[:16], 16))) == 0  # out of the index too
 
-    # A later run rejects another size of that picture at once (one URL is enough).
-    collector = gather_bodies(options, [(entry(6, "n4"), generic[3]), (entry(7, "n4"), photo(3))])
-    record = read_journal(options.journal_path)["n4_6"]
-    assert record["outcome"] == "placeholder" and "near-identical" in record["error"]
-    assert collector.ok_counts["n4"] == 1
+    # A later run rejects another size of that picture from that site at once (one URL is
+    # enough); the same picture from another site is a photo until it repeats there.
+    collector = gather_bodies(options, [(entry(6, "n4", host=cdn), generic[3]),
+                                        (entry(7, "n4"), photo(3)),
+                                        (entry(8, "n4", host="elsewhere.example"),
+                                         serve_web.placeholder_jpeg("cdn.example", 1.25, 75))])
+    journal = read_journal(options.journal_path)
+    assert journal["n4_6"]["outcome"] == "placeholder"
+    assert "near-identical to a placeholder from cdn.example" in journal["n4_6"]["error"]
+    assert journal["n4_8"]["outcome"] == "ok"
+    assert collector.ok_counts["n4"] == 2
+
+
+def product_shot(colour: tuple[int, int, int], radius: int) -> bytes:
+    """A disc on white, centred: many real photos of one class look like this to a hash."""
+    image = Image.new("RGB", (400, 300), (255, 255, 255))
+    ImageDraw.Draw(image).ellipse((200 - radius, 150 - radius, 200 + radius, 150 + radius),
+                                  fill=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def test_product_shots_alike_to_a_hash_are_no_placeholder_from_one_site_or_many(tmp_path):
+    """Small objects of different colours on white: near-identical hashes, and a 2 x 2 grid of
+    mean colours could not tell them apart (the background fills every cell)."""
+    colours = [(200, 30, 30), (30, 30, 200), (30, 160, 30), (220, 200, 40)]
+    options = GatherOptions(out=tmp_path, placeholder_after=3)
+    shop = [(entry(n, host="shop.example"), product_shot(colour, 40))
+            for n, colour in enumerate(colours)]
+    sites = [(entry(10 + n, host=f"shop{n}.example"), product_shot(colours[0], 42 + n))
+             for n in range(4)]  # near-identical, but each from a site of its own
+    collector = gather_bodies(options, shop + sites)
+    outcomes = Counter(r["outcome"] for r in read_journal(options.journal_path).values())
+    assert outcomes == {"ok": 8} and collector.placeholders_found == 0
+
+
+def test_a_kill_while_a_placeholder_was_taken_back_is_finished_by_the_next_run(tmp_path):
+    """The body was listed in placeholders.txt and one copy set aside, then the run died
+    before it journaled any take-back: the next run takes back what is still listed as kept."""
+    options = GatherOptions(out=tmp_path, placeholder_after=0)
+    collect(options, [(entry(1), b"generic"), (entry(2, "n2"), b"generic"),
+                      (entry(3), b"photo")])
+    digest = sha("generic")
+    options.placeholders_path.write_text(f"{digest}\n")
+    (tmp_path / ".placeholders").mkdir()
+    os.replace(tmp_path / "n1" / "n1_1.jpg", tmp_path / ".placeholders" / f"{digest}.jpg")
+    collector = collect(options, [])
+    journal = read_journal(options.journal_path)
+    assert {i: r["outcome"] for i, r in journal.items()} == {
+        "n1_1": "placeholder", "n2_2": "placeholder", "n1_3": "ok"}
+    assert sorted(p.name for p in tmp_path.glob("n*/*.jpg")) == ["n1_3.jpg"]
+    assert [p.name for p in (tmp_path / ".placeholders").iterdir()] == [f"{digest}.jpg"]
+    assert collector.ok_counts == {"n1": 1, "n2": 0}
+
+
+@pytest.mark.parametrize("line", ["not-a-digest", "a" * 64 + " 12ab", "a" * 64 + " zz -"])
+def test_a_damaged_placeholders_list_is_a_one_line_error_naming_the_line(tmp_path, line):
+    options = GatherOptions(out=tmp_path)
+    options.placeholders_path.write_text(f"{'b' * 64}\n{line}\n")
+    with pytest.raises(InputError) as raised, JsonLinesWriter(options.journal_path) as journal:
+        Collector(options, journal, JournalIndex.read(options.journal_path))
+    assert str(raised.value).startswith(f"{options.placeholders_path}: line 2 is not")
+    assert "delete that line" in str(raised.value)
+
+
+def test_a_placeholders_line_cut_short_by_a_kill_is_skipped(tmp_path):
+    options = GatherOptions(out=tmp_path)
+    good = Fingerprint.of(Image.new("RGB", (128, 128), (9, 9, 9))).to_hex()
+    options.placeholders_path.write_text(f"{'b' * 64} {good} cdn.example\n{'c' * 64} {good[:50]}")
+    known = read_placeholders(options.placeholders_path, FINGERPRINT_DIGITS)
+    assert list(known) == ["b" * 64] and known["b" * 64].site == "cdn.example"
 
 
 def test_different_photos_that_look_alike_are_never_taken_for_a_placeholder(sample, tmp_path):
@@ -288,10 +368,11 @@ def test_pictures_alike_in_brightness_but_not_in_colour_are_no_placeholder(tmp_p
     schemes = [((60, 60, 60), (150, 150, 150)), ((190, 0, 220), (100, 160, 230)),
                ((20, 110, 20), (250, 120, 90))]
     options = GatherOptions(out=tmp_path, placeholder_after=3)
-    gather_bodies(options, [(entry(n), card(scheme)) for n, scheme in enumerate(schemes)])
+    gather_bodies(options, [(entry(n, host="one.example"), card(scheme))
+                            for n, scheme in enumerate(schemes)])
     outcomes = {i: r["outcome"] for i, r in read_journal(options.journal_path).items()}
     assert outcomes == {"n1_0": "ok", "n1_1": "ok", "n1_2": "ok"}
-    gather_bodies(options, [(entry(10 + n, "n2"), card(schemes[1], scale))
+    gather_bodies(options, [(entry(10 + n, "n2", host="one.example"), card(schemes[1], scale))
                             for n, scale in enumerate((0.75, 1.5))])
     outcomes = {i: r["outcome"] for i, r in read_journal(options.journal_path).items()}
     assert [outcomes[i] for i in ("n1_0", "n1_1", "n1_2", "n2_10", "n2_11")] == [

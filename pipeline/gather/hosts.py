@@ -60,6 +60,34 @@ def host_key(url: str) -> str:
     return netloc.rpartition("@")[2].lower()
 
 
+# Second-level labels under which country domains register names (example.co.uk, a.com.au,
+# b.ne.jp): without a public-suffix list, these make a site three labels long, not two.
+_SECOND_LEVEL = frozenset({"ac", "co", "com", "edu", "go", "gov", "ne", "net", "or", "org"})
+
+
+def site_of(url: str) -> str:
+    """The registered domain a URL's host belongs to (farm3.static.flickr.com and
+    farm4.static.flickr.com are flickr.com): what serves one "image not found" picture in
+    its several sizes. An IP address or a one-label name is its own site."""
+    try:
+        host = (urlsplit(url).hostname or "").rstrip(".")
+    except ValueError:  # no request could be made of it
+        return ""
+    labels = host.split(".")
+    if len(labels) < 3 or _is_address(host):
+        return host
+    keep = 3 if len(labels[-1]) == 2 and labels[-2] in _SECOND_LEVEL else 2
+    return ".".join(labels[-keep:])
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def is_public(address: str) -> bool:
     """False for loopback, private, link-local and other non-global addresses."""
     ip = ipaddress.ip_address(address.split("%")[0])

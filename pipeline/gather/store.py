@@ -28,10 +28,12 @@ from PIL import Image
 
 from pipeline.fsutil import FILE_MODE, TEMP_SUFFIX, JsonLinesWriter
 from pipeline.gather.digests import DigestRows, NearRows
+from pipeline.gather.hosts import site_of
 from pipeline.gather.options import GatherOptions
 from pipeline.images import ImageDecodeError, decode_image, sniff_extension
 from pipeline.journal import (
     JournalIndex,
+    KnownPlaceholder,
     final_codes,
     placeholder_line,
     read_placeholders,
@@ -39,6 +41,7 @@ from pipeline.journal import (
 )
 from pipeline.perceptual import (
     DECODE_SIDE,
+    VIEW_DIGITS,
     View,
     ViewSet,
     fine_distance,
@@ -54,44 +57,58 @@ PLACEHOLDER_DIR = ".placeholders"  # hidden: never taken for a class folder
 _COPIES = frozenset({"ok", "duplicate"})  # outcomes whose bytes later images are checked against
 # Near-identical, for placeholders: a host's picture resized and re-encoded per request. Measured
 # on five "image not found" pictures in 13 sizes/qualities each (0.5x-2x, JPEG q60-q92): 95% of
-# variant pairs are within both distances (and a found placeholder's variants all join the
-# known set, so one close variant suffices); 2,400 different pictures of the synthetic sample
-# (similar figures: a hard negative set) have no pair within (7, 40). The coarse hash of such a
-# flat picture is the less stable of the two, the fine one decides.
+# variant pairs are within both distances of the kept images' index (and a found placeholder's
+# variants all join the known set, so one close variant suffices), every pair within coarse 12
+# and fine 36; 2,400 different pictures of the synthetic sample (similar figures: a hard
+# negative set) have no pair within (7, 40). The coarse hash of such a flat picture is the less
+# stable of the two, the fine one decides.
 PLACEHOLDER_COARSE = 7  # of 64 bits (NearRows finds at most 7)
 PLACEHOLDER_FINE = 32  # of 256 bits
-# The hashes see brightness only: 10,000 pictures of one synthetic class (a disc on a plain
-# background, in random colours) had 209 pairs within both distances, 14 triples. Their mean
-# colours in 2 x 2 cells tell them apart (no pair within 24 levels), while a placeholder's
-# sizes and qualities stay within 3.
-COLOUR_CELLS = 2
-PLACEHOLDER_COLOUR = 12  # levels (of 255) any cell's channel may differ by
+PLACEHOLDER_KNOWN_COARSE = 16  # against the few known placeholders, scanned, not indexed
+# The hashes see brightness only, and a small object on a plain background (a product shot)
+# barely moves them: 200 such shots (a disc or square of random colour and size on white) had
+# 182 pairs within both distances whose mean colours in 2 x 2 cells were within 12 levels, 5
+# in 4 x 4 cells within 6 levels; the sizes and qualities of a placeholder stay within 2.
+COLOUR_CELLS = 4
+PLACEHOLDER_COLOUR = 6  # levels (of 255) any cell's channel may differ by
+FINGERPRINT_DIGITS = VIEW_DIGITS + 2 * 3 * COLOUR_CELLS * COLOUR_CELLS
 
 
 class Fingerprint(NamedTuple):
     """What tells a re-encoded or resized copy of an image: its perceptual hashes and its
-    colour in COLOUR_CELLS x COLOUR_CELLS cells. As text (the journal's `phash`): the view's
-    80 hex digits, then 24 for the colour."""
+    colour in COLOUR_CELLS x COLOUR_CELLS cells. As text (the journal's `phash`):
+    FINGERPRINT_DIGITS hex digits, the view's, then the colours'."""
 
     view: View
     colour: bytes
 
     @classmethod
     def of(cls, image: Image.Image) -> Fingerprint:
-        cells = image.convert("RGB").resize((COLOUR_CELLS, COLOUR_CELLS), Image.BOX)
-        return cls(hash_view(image), cells.tobytes())
+        """From an image decoded at (about) DECODE_SIDE; a larger one (a PNG or GIF decodes
+        whole) is shrunk once, so no full-size copy is made."""
+        factor = min(image.size) // DECODE_SIDE
+        small = image.reduce(factor) if factor > 1 else image
+        rgb = small if small.mode == "RGB" else small.convert("RGB")
+        cells = rgb.resize((COLOUR_CELLS, COLOUR_CELLS), Image.BOX)
+        return cls(hash_view(rgb), cells.tobytes())
 
     @classmethod
     def from_hex(cls, text: str) -> Fingerprint:
-        return cls(view_from_hex(text[:80]), bytes.fromhex(text[80:]))
+        """The inverse of to_hex; ValueError for anything else."""
+        if len(text) != FINGERPRINT_DIGITS:
+            raise ValueError(f"a fingerprint has {FINGERPRINT_DIGITS} hex digits")
+        return cls(view_from_hex(text[:VIEW_DIGITS]), bytes.fromhex(text[VIEW_DIGITS:]))
 
     def to_hex(self) -> str:
         return view_to_hex(self.view) + self.colour.hex()
 
+    def alike(self, other: Fingerprint) -> bool:
+        """Near-identical: the fine hashes and every cell's colours close."""
+        return (fine_distance(self.view, other.view) <= PLACEHOLDER_FINE
+                and self.same_colours(other.colour))
+
     def same_colours(self, other: bytes) -> bool:
-        """Within PLACEHOLDER_COLOUR in every cell and channel (unknown colours: yes)."""
-        if not self.colour or not other:
-            return True
+        """Within PLACEHOLDER_COLOUR in every cell and channel."""
         difference = np.abs(np.frombuffer(self.colour, np.uint8).astype(np.int16)
                             - np.frombuffer(other, np.uint8))
         return bool(difference.max() <= PLACEHOLDER_COLOUR)
@@ -161,8 +178,13 @@ class Collector:
     near-identical perceptual hash (a host that re-encodes or resizes its picture per
     request), is a host's generic "image not found" picture, not a photo. Every copy is then
     taken back (set aside under OUT/.placeholders/ for inspection, the journal corrected), and
-    the body is remembered in OUT/placeholders.txt (digest and hash) so resumes and later runs
-    reject it, and images near it, at once.
+    the body is remembered in OUT/placeholders.txt (digest, fingerprint, site) so resumes and
+    later runs reject it, and images near it from the same site, at once.
+
+    Near-identical (not byte-identical) images count together only when one site (registered
+    domain) served them: a placeholder is a host's picture, while different photos from
+    different sites can look alike to a hash (product shots on white), and a whole class of
+    them must never be taken back.
 
     The images kept so far (and their duplicates) are held as `DigestRows` and `NearRows`,
     hash keys pointing at journal lines, not as objects: 1.3 million of them stay ~50 MB.
@@ -178,16 +200,19 @@ class Collector:
         self.ok_counts: Counter[str] = Counter()
         self.copies = DigestRows()  # the journal lines of kept and duplicate images
         self.near = NearRows(PLACEHOLDER_COARSE)  # the same lines, by perceptual hash
-        known = read_placeholders(options.placeholders_path)
+        known = read_placeholders(options.placeholders_path, FINGERPRINT_DIGITS)
         self.placeholders = set(known)
-        marks = [Fingerprint.from_hex(phash) for phash in known.values() if phash]
+        hashed = [entry for entry in known.values() if entry.fingerprint]
+        marks = [Fingerprint.from_hex(entry.fingerprint) for entry in hashed]
         self.placeholder_views = ViewSet(mark.view for mark in marks)
-        self.placeholder_colours = [mark.colour for mark in marks]
+        self.placeholder_marks = [(mark.colour, entry.site) for mark, entry in zip(
+            marks, hashed, strict=True)]
         self.placeholders_found = 0
         self._placeholder_urls: dict[str, int] = {}  # digest -> URLs when found this run
         for offset, record in index.last_records(options.journal_path, _COPIES):
             self._hold(record, offset)
             self.ok_counts[_class_of(record)] += record["outcome"] == "ok"
+        self._finish_take_backs()
 
     def pending(self, selection: Selection) -> Iterator[tuple[int, UrlEntry]]:
         """(index, entry) of every selected URL not final in the journal, in list order;
@@ -291,39 +316,39 @@ class Collector:
         too many of a repeated image, whose copies are then taken back); empty when not."""
         digest, listed = staged.sha256, self.options.placeholders_path.name
         mark = Fingerprint.from_hex(staged.phash) if staged.phash else None
+        site = site_of(entry.url)
         if digest not in self.placeholders:
-            if mark is not None and self._near_known_placeholder(mark):
-                self._remember(digest, staged.phash)
-                return f"near-identical to a placeholder listed in {listed}"
-            alike = copies + (self._near_copies_of(mark, {offset for offset, _ in copies})
+            if mark is not None and self._near_known_placeholder(mark, site):
+                self._remember(digest)  # not as a reference: the known set must not drift
+                return f"near-identical to a placeholder from {site} listed in {listed}"
+            alike = copies + (self._near_copies_of(mark, site, {offset for offset, _ in copies})
                               if mark is not None else [])
             if not self._makes_placeholder(digest, alike, entry.url):
                 return ""
-            self._declare_placeholder(digest, staged, alike)
+            self._declare_placeholder(digest, staged, site, alike)
         return (f"repeated body: the same or a near-identical image came for "
                 f"{self._placeholder_urls.get(digest) or 'many'} URLs (listed in {listed})")
 
-    def _near_known_placeholder(self, mark: Fingerprint) -> bool:
-        """Compared by the fine hash and colours alone: the known set is small enough to
-        scan, and a size of a flat picture can differ in more coarse bits than the index
-        of kept images finds (NearRows: at most 7)."""
-        return any(mark.same_colours(self.placeholder_colours[position]) for position
-                   in self.placeholder_views.near(mark.view, 64, PLACEHOLDER_FINE))
+    def _near_known_placeholder(self, mark: Fingerprint, site: str) -> bool:
+        """Compared with the known placeholders from the same site: few enough to scan, with
+        a wider coarse limit than the index of kept images finds (NearRows: at most 7)."""
+        return any(self.placeholder_marks[position][1] == site
+                   and mark.same_colours(self.placeholder_marks[position][0])
+                   for position in self.placeholder_views.near(
+                       mark.view, PLACEHOLDER_KNOWN_COARSE, PLACEHOLDER_FINE))
 
-    def _near_copies_of(self, mark: Fingerprint, exclude: set[int]
+    def _near_copies_of(self, mark: Fingerprint, site: str, exclude: set[int]
                         ) -> list[tuple[int, dict[str, Any]]]:
-        """(offset, record) of every kept or duplicate image with other bytes and a
-        near-identical fingerprint (none is read back for a new-looking image)."""
+        """(offset, record) of every kept or duplicate image from `site` with other bytes
+        and a near-identical fingerprint (none is read back for a new-looking image)."""
+        if not self.options.placeholder_after:
+            return []
         offsets = [offset for offset in self.near.offsets_near(mark.view[0])
                    if offset not in exclude]
         return [(offset, record) for offset, record
                 in read_records(self.options.journal_path, offsets)
-                if record.get("phash") and self._alike(mark, Fingerprint.from_hex(record["phash"]))]
-
-    @staticmethod
-    def _alike(mark: Fingerprint, other: Fingerprint) -> bool:
-        return (fine_distance(mark.view, other.view) <= PLACEHOLDER_FINE
-                and mark.same_colours(other.colour))
+                if record.get("phash") and site_of(record["url"]) == site
+                and mark.alike(Fingerprint.from_hex(record["phash"]))]
 
     def _copies_of(self, digest: str) -> list[tuple[int, dict[str, Any]]]:
         """(offset, record) of every kept or duplicate image with these bytes, read back from
@@ -350,21 +375,35 @@ class Collector:
         if staged.temp:
             os.unlink(staged.temp)
 
-    def _declare_placeholder(self, digest: str, staged: Staged,
+    def _declare_placeholder(self, digest: str, staged: Staged, site: str,
                              copies: list[tuple[int, dict[str, Any]]]) -> None:
         """Remember the body and its copies' (a resized copy can be nearer the next one),
-        then take back every copy kept so far: those found, and the images near-identical
-        to any of them, transitively (a size far from this one can be near another)."""
+        then take back every copy kept so far: those found, and the images from the same
+        site near-identical to any of them, transitively (a size far from this one can be
+        near another)."""
         self.placeholders_found += 1
-        self._remember(digest, staged.phash)
-        copies = self._with_family(copies)
+        self._remember(digest, staged.phash, site)
+        copies = self._with_family(copies, site)
+        for _, copy in copies:  # all from `site`, but for copies of the very same bytes
+            self._remember(copy["sha256"], copy.get("phash") or "", site)
+        self._take_back(copies)
+
+    def _finish_take_backs(self) -> None:
+        """Take back the kept copies of known placeholders: those a run killed while it
+        declared one had not journaled yet (their files may be set aside already)."""
+        for digest in self.placeholders:
+            copies = self._copies_of(digest)
+            if copies:
+                self._take_back(copies)
+
+    def _take_back(self, copies: list[tuple[int, dict[str, Any]]]) -> None:
+        """Set the kept copies aside in .placeholders/ and journal every copy as a
+        placeholder found later."""
         for offset, copy in copies:
-            self._remember(copy["sha256"], copy.get("phash") or "")
             self._forget(copy, offset)
-            klass = _class_of(copy)
             if copy["outcome"] == "ok":
                 self._set_aside(self.options.out / copy["path"], copy["sha256"])
-                self.ok_counts[klass] -= 1
+                self.ok_counts[_class_of(copy)] -= 1
         for _, copy in copies:
             klass = _class_of(copy)
             self._write(klass, {
@@ -375,30 +414,32 @@ class Collector:
                 "error": f"repeated body, found later (set aside in {PLACEHOLDER_DIR}/)",
                 "attempts": 0, "seconds": 0.0, "time": round(time.time(), 3)})
 
-    def _with_family(self, copies: list[tuple[int, dict[str, Any]]]
+    def _with_family(self, copies: list[tuple[int, dict[str, Any]]], site: str
                      ) -> list[tuple[int, dict[str, Any]]]:
-        """`copies` and every kept image near-identical to one of them, and so on."""
+        """`copies` and every kept image from `site` near-identical to one of them from that
+        site, and so on."""
         family = dict(copies)
-        todo = [record for _, record in copies if record.get("phash")]
+        todo = [record for _, record in copies
+                if record.get("phash") and site_of(record["url"]) == site]
         while todo:
             mark = Fingerprint.from_hex(todo.pop()["phash"])
-            for offset, record in self._near_copies_of(mark, set(family)):
+            for offset, record in self._near_copies_of(mark, site, set(family)):
                 family[offset] = record
                 todo.append(record)
         return list(family.items())
 
-    def _remember(self, digest: str, phash: str) -> None:
+    def _remember(self, digest: str, phash: str = "", site: str = "") -> None:
         """A placeholder body, in placeholders.txt and in memory: rejected from now on, and
-        so is every image near-identical to it."""
+        so is every image from `site` near-identical to it when its fingerprint is given."""
         if digest in self.placeholders:
             return
         self.placeholders.add(digest)
         if phash:
             mark = Fingerprint.from_hex(phash)
             self.placeholder_views.add(mark.view)
-            self.placeholder_colours.append(mark.colour)
+            self.placeholder_marks.append((mark.colour, site))
         with open(self.options.placeholders_path, "a", encoding="utf-8") as handle:
-            handle.write(placeholder_line(digest, phash))
+            handle.write(placeholder_line(KnownPlaceholder(digest, phash, site)))
 
     def _set_aside(self, path: Path, digest: str) -> None:
         """Into .placeholders/, named by its digest: copies with the same bytes share one
