@@ -11,10 +11,11 @@ A host that has answered a few times gets a read timeout fitted to it, as TCP fi
 retransmission timeout: the smoothed answer time plus four deviations, at least
 ADAPTIVE_FLOOR seconds (RFC 6298's minimum retransmission timeout), at most --timeout. On a
 host that answers in 50 ms, a request silent for seconds is hung, and waiting the full
---timeout for each such URL holds a connection that the host's other URLs need. Timeouts are
-nothing is lost to impatience: a URL cut short is retried with the full --timeout (as a retry,
-within --retries), the cut never counts against the host's health, and it doubles the host's
-read timeout (RFC 6298's back-off), so a client slowed by its own machine's load stops cutting
+--timeout for each such URL holds a connection that the host's other URLs need. Nothing is
+lost to impatience: a URL cut short is retried once in the run under twice the timer it was cut
+at (as a retry, within --retries) and, cut again, left for the next run, which gives it the
+full --timeout; the cut never counts against the host's health, and it doubles the host's read
+timeout (RFC 6298's back-off), so a client slowed by its own machine's load stops cutting
 within a few answers.
 """
 

@@ -262,24 +262,30 @@ class _Run:
         while pool.has_room() and (job := self.scheduler.next(now)) is not None:
             self.next_id += 1
             self.jobs[self.next_id] = (job, now)
+            job.read_timeout = self._read_timeout(job)
             pool.submit(Request(self.next_id, job.entry.url, job.host,
                                 str(target_stem(self.options.out, job.entry)),
-                                self._read_timeout(job)))
+                                job.read_timeout))
         pool.flush()
 
     def _read_timeout(self, job: Job) -> float | None:
         """The host's own read timeout, except for a URL that timed out in an earlier run: it
         gets the full --timeout, so a slow image is not cut off run after run.
 
-        A URL cut at its host's timeout is retried once in the run, under the host's timer,
-        which the cut doubled (RFC 6298 5.5): a client slowed by load recovers its answers
-        (they come a little late), while a URL the server let hang (4% of a real list's URLs on
-        live hosts do) costs ~3 s, not the full --timeout on top, and waits for the next run.
-        With --timeout 10, waiting it out in the run tripled a 300-host run's time.
+        A URL cut at its host's timeout is retried once in the run, under twice the timer it
+        was cut at (RFC 6298 5.5; the host's own, if that grew longer since): a client slowed
+        by load recovers its answers (they come a little late), while a URL the server let
+        hang (4% of a real list's URLs on live hosts do) costs ~3 s, not the full --timeout on
+        top, and waits for the next run. With --timeout 10, waiting it out in the run tripled
+        a 300-host run's time.
         """
         if self.collector.index.outcome(job.entry.id) == "timeout":
             return None
-        return self.hosts.read_timeout(job.host, self.options.timeout)
+        fitted = self.hosts.read_timeout(job.host, self.options.timeout)
+        if not job.cut_short or fitted is None or job.read_timeout is None:
+            return fitted
+        doubled = max(2 * job.read_timeout, fitted)
+        return doubled if doubled < self.options.timeout else None
 
     def _settle(self, reply: Reply, *, stopping: bool) -> None:
         if reply.crash:

@@ -46,6 +46,7 @@ class Job:
     seconds: float = 0.0
     last_error: str = ""
     cut_short: bool = False  # an attempt was cut at its host's own read timeout
+    read_timeout: float | None = None  # the last attempt's (None: the full --timeout)
 
 
 @dataclass
