@@ -16,6 +16,7 @@ a read, this ~35 bytes and one slice.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,14 +77,15 @@ class EncodedImages:
     """A JPEG pack's images: written by appending files, read by row (a uint8 array of the
     file's bytes)."""
 
-    def __init__(self, images: h5py.Dataset, offsets: np.ndarray) -> None:
+    def __init__(self, images: h5py.Dataset, offsets: np.ndarray | array) -> None:
         self.images, self.offsets = images, offsets
 
     @classmethod
     def create(cls, h5: h5py.File) -> EncodedImages:
+        """Offsets grow in an `array` (appending copies nothing), written at close."""
         images = h5.create_dataset(IMAGES, (0,), dtype=np.uint8, chunks=(ENCODED_CHUNK,),
                                    maxshape=(None,))
-        return cls(images, np.zeros(1, np.int64))
+        return cls(images, array("q", [0]))
 
     @classmethod
     def open(cls, h5: h5py.File) -> EncodedImages:
@@ -100,12 +102,13 @@ class EncodedImages:
         end = int(self.offsets[-1])
         self.images.resize((end + len(data),))
         self.images[end:] = np.frombuffer(data, np.uint8)
-        sizes = np.array([len(file) for file in files], np.int64)
-        self.offsets = np.concatenate([self.offsets, end + np.cumsum(sizes)])
+        for file in files:
+            end += len(file)
+            self.offsets.append(end)
 
     def close(self) -> None:
         """Write the offsets: until then the pack is incomplete (and stays a temp file)."""
-        self.images.file.create_dataset(OFFSETS, data=self.offsets,
+        self.images.file.create_dataset(OFFSETS, data=np.asarray(self.offsets, np.int64),
                                         **_compressed(len(self.offsets)))
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.perceptual import BLOCK_BITS, BLOCKS
+
 MERGE_AT = 1 << 14  # rows added since the last merge, held in a dict until then (~3 MB)
 REMOVED = -1  # the offset of a row taken back (a placeholder's copy)
 
@@ -80,7 +82,6 @@ class DigestRows:
 
 
 
-BLOCKS, BLOCK_BITS = 4, 16  # a 64-bit hash as four 16-bit blocks
 BLOCK_VALUES = 1 << BLOCK_BITS
 BLOCK_MASK = np.uint64(BLOCK_VALUES - 1)
 
@@ -137,7 +138,10 @@ class NearRows:
         recent = slice(0, self._recent_rows)
         self._recent_offsets[recent][(self._recent_offsets[recent] == offset)
                                      & (self._recent_hashes[recent] == value)] = REMOVED
-        self.offsets[(self.offsets == offset) & (self.hashes == value)] = REMOVED
+        key = int(value & BLOCK_MASK)  # block 0's table: the few rows sharing its value
+        rows = self.orders[0][self.starts[0][key]:self.starts[0][key + 1]]
+        rows = rows[(self.offsets[rows] == offset) & (self.hashes[rows] == value)]
+        self.offsets[rows] = REMOVED
 
     def _probe(self, block: int, value: np.uint64) -> np.ndarray:
         """Rows whose block is within one bit of `value`'s."""
