@@ -272,7 +272,7 @@ def _jpeg_bytes(path: str, size: int, quality: int) -> bytes:
     squared image encoded at `quality`."""
     data = Path(path).read_bytes()
     if _fits_as_is(data, size, quality):
-        return data
+        return _without_metadata(data)
     buffer = io.BytesIO()
     square_image(io.BytesIO(data), size).save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
@@ -294,6 +294,34 @@ def _fits_as_is(data: bytes, size: int, quality: int) -> bool:
     except (ImageDecodeError, OSError, SyntaxError, ValueError):
         return False
     return luma >= sum(_luma_table(quality))
+
+
+# Segments a decoder needs besides the frame, tables and scan: JFIF (APP0) and Adobe's (APP14,
+# which says whether the channels are YCbCr or RGB). EXIF (orientation checked upright),
+# ICC profiles (no stage applies them), XMP, comments and embedded thumbnails are left out.
+_KEPT_APPS = frozenset({0xE0, 0xEE})
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # markers without a length
+
+
+def _without_metadata(data: bytes) -> bytes:
+    """A baseline JPEG without its metadata segments and anything after its end: the same
+    pixels, often kilobytes smaller (a camera's EXIF thumbnail, an editor's XMP)."""
+    kept, at = [data[:2]], 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker in _STANDALONE or marker == 0xFF:
+            kept.append(data[at:at + 2])
+            at += 2
+            continue
+        end = at + 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the end marker
+            stop = data.find(b"\xff\xd9", end)
+            kept.append(data[at:stop + 2] if stop >= 0 else data[at:])
+            return b"".join(kept)
+        if not (0xE0 <= marker <= 0xEF or marker == 0xFE) or marker in _KEPT_APPS:
+            kept.append(data[at:end])
+        at = end
+    return data  # not laid out as expected: stored untouched
 
 
 def _luma_table(quality: int) -> list[int]:

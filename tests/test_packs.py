@@ -299,6 +299,16 @@ def test_packing_again_removes_only_stale_shards_of_ours(manifests, tmp_path):
     assert len(read_pack(index).labels) == 135
 
 
+def camera_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 1  # upright
+    exif[0x927C] = b"maker notes " * 700  # what cameras and editors carry along
+    return exif.tobytes()
+
+
+CAMERA_EXIF = camera_exif()
+
+
 def test_a_jpeg_that_already_fits_is_stored_as_it_is_and_others_are_re_encoded(tmp_path):
     """A size x size baseline JPEG no finer than --quality keeps its bytes (no generation
     loss, as LitData and WebDataset keep files); anything else is squared and encoded."""
@@ -311,7 +321,9 @@ def test_a_jpeg_that_already_fits_is_stored_as_it_is_and_others_are_re_encoded(t
                 ((SIZE, SIZE), "JPEG", {"quality": 98}),  # finer than asked: re-encoded
                 ((SIZE, SIZE), "JPEG", {"quality": 90, "progressive": True}),  # re-encoded
                 ((SIZE + 20, SIZE), "JPEG", {"quality": 90}),  # not square: re-encoded
-                ((SIZE, SIZE), "PNG", {}))):  # re-encoded
+                ((SIZE, SIZE), "PNG", {}),  # re-encoded
+                ((SIZE, SIZE), "JPEG", {"quality": 90, "exif": CAMERA_EXIF,
+                                        "comment": b"edited"}))):  # kept, metadata left out
             path = files / wnid / f"{wnid}_{i}.{fmt.lower().replace('jpeg', 'jpg')}"
             path.parent.mkdir(parents=True, exist_ok=True)
             rng = np.random.default_rng(c * 10 + i)
@@ -322,7 +334,7 @@ def test_a_jpeg_that_already_fits_is_stored_as_it_is_and_others_are_re_encoded(t
     label(files, tmp_path / "manifests", val_ratio=0.0)
     result = pack(tmp_path / "manifests" / "train.txt", tmp_path / "pack.h5", size=SIZE,
                   encoding="jpeg", quality=90)
-    assert result.count == 12 and not result.failed
+    assert result.count == 14 and not result.failed
     with h5py.File(tmp_path / "pack.h5", "r") as h5:
         data, offsets = h5["images"][:].tobytes(), h5["offsets"][:].tolist()
         stored = {path.decode(): data[start:end] for path, start, end
@@ -331,6 +343,10 @@ def test_a_jpeg_that_already_fits_is_stored_as_it_is_and_others_are_re_encoded(t
         assert (stored[path] == original) == (kind in (0, 1)), path
         decoded = Image.open(io.BytesIO(stored[path]))
         assert decoded.size == (SIZE, SIZE) and decoded.mode == "RGB"
+        if kind == 6:  # the same pixels, without its 8 KB of EXIF and its comment
+            assert len(stored[path]) < len(original) - 8000
+            assert "exif" not in decoded.info and "comment" not in decoded.info
+            assert np.array_equal(np.asarray(decoded), np.asarray(Image.open(files / path)))
 
 
 def test_a_jpeg_pack_in_an_earlier_layout_is_one_clear_error(packs, tmp_path):
