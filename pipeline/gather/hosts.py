@@ -150,6 +150,7 @@ def _result(hostname: str, address: str, port: int) -> ResolveResult:
 
 ADAPTIVE_FLOOR = 1.0  # seconds: the shortest read timeout a host is given (RFC 6298's RTO)
 ADAPTIVE_SAMPLES = 4  # answers seen before a host's own timeout applies
+CUT_RETRY_LIMIT = 2 * ADAPTIVE_FLOOR  # the most a cut URL's retry doubles its timer to
 
 
 @dataclass

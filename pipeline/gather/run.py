@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.fsutil import JsonLinesWriter, remove_stale_temp_files
-from pipeline.gather.hosts import HostBook, host_key
+from pipeline.gather.hosts import CUT_RETRY_LIMIT, HostBook, host_key
 from pipeline.gather.http import Attempt
 from pipeline.gather.options import GatherOptions
 from pipeline.gather.schedule import Job, Scheduler
@@ -273,18 +273,19 @@ class _Run:
         gets the full --timeout, so a slow image is not cut off run after run.
 
         A URL cut at its host's timeout is retried once in the run, under twice the timer it
-        was cut at (RFC 6298 5.5; the host's own, if that grew longer since): a client slowed
-        by load recovers its answers (they come a little late), while a URL the server let
-        hang (4% of a real list's URLs on live hosts do) costs ~3 s, not the full --timeout on
-        top, and waits for the next run. With --timeout 10, waiting it out in the run tripled
-        a 300-host run's time.
+        was cut at (RFC 6298 5.5), but no more than CUT_RETRY_LIMIT unless the host's own timer
+        grew longer since: a client slowed by load recovers its answers (they come a little
+        late), while a URL the server let hang (4% of a real list's URLs on live hosts do)
+        costs ~3 s, not the full --timeout on top, and waits for the next run. With --timeout
+        10, waiting it out in the run tripled a 300-host run's time; doubling timers that
+        earlier cuts had already doubled made it 1.5 times as long.
         """
         if self.collector.index.outcome(job.entry.id) == "timeout":
             return None
         fitted = self.hosts.read_timeout(job.host, self.options.timeout)
         if not job.cut_short or fitted is None or job.read_timeout is None:
             return fitted
-        doubled = max(2 * job.read_timeout, fitted)
+        doubled = max(fitted, min(2 * job.read_timeout, CUT_RETRY_LIMIT))
         return doubled if doubled < self.options.timeout else None
 
     def _settle(self, reply: Reply, *, stopping: bool) -> None:
