@@ -377,3 +377,17 @@ def test_pictures_alike_in_brightness_but_not_in_colour_are_no_placeholder(tmp_p
     outcomes = {i: r["outcome"] for i, r in read_journal(options.journal_path).items()}
     assert [outcomes[i] for i in ("n1_0", "n1_1", "n1_2", "n2_10", "n2_11")] == [
         "ok", "placeholder", "ok", "placeholder", "placeholder"]
+
+
+def test_a_journal_with_an_unreadable_fingerprint_still_resumes(tmp_path):
+    """An edited or foreign journal: the image is kept and just not compared by hash."""
+    options = GatherOptions(out=tmp_path, placeholder_after=2)
+    gather_bodies(options, [(entry(1, host="one.example"), photo(1))])
+    lines = options.journal_path.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["phash"] = "not hex at all"
+    options.journal_path.write_text(json.dumps(record) + "\n")
+    collector = gather_bodies(options, [(entry(2, host="one.example"), photo(2))])
+    outcomes = {i: r["outcome"] for i, r in read_journal(options.journal_path).items()}
+    assert outcomes == {"n1_1": "ok", "n1_2": "ok"}
+    assert len(collector.near) == 1 and len(collector.copies) == 2

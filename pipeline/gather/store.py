@@ -273,15 +273,15 @@ class Collector:
         """Index a kept or duplicate image's journal line by its digest and hash."""
         if record.get("sha256"):
             self.copies.add(record["sha256"], offset)
-        if record.get("phash"):
-            self.near.add(Fingerprint.from_hex(record["phash"]).view[0], offset)
+        if (mark := _fingerprint_of(record)) is not None:
+            self.near.add(mark.view[0], offset)
 
     def _forget(self, record: dict[str, Any], offset: int) -> None:
         """The inverse of _hold: an image taken back."""
         if record.get("sha256"):
             self.copies.remove(record["sha256"], offset)
-        if record.get("phash"):
-            self.near.remove(Fingerprint.from_hex(record["phash"]).view[0], offset)
+        if (mark := _fingerprint_of(record)) is not None:
+            self.near.remove(mark.view[0], offset)
 
     def _write(self, klass: str, record: dict[str, Any]) -> int:
         offset = self.journal.write(record)
@@ -347,8 +347,8 @@ class Collector:
                    if offset not in exclude]
         return [(offset, record) for offset, record
                 in read_records(self.options.journal_path, offsets)
-                if record.get("phash") and site_of(record["url"]) == site
-                and mark.alike(Fingerprint.from_hex(record["phash"]))]
+                if site_of(record["url"]) == site
+                and (other := _fingerprint_of(record)) is not None and mark.alike(other)]
 
     def _copies_of(self, digest: str) -> list[tuple[int, dict[str, Any]]]:
         """(offset, record) of every kept or duplicate image with these bytes, read back from
@@ -385,7 +385,8 @@ class Collector:
         self._remember(digest, staged.phash, site)
         copies = self._with_family(copies, site)
         for _, copy in copies:  # all from `site`, but for copies of the very same bytes
-            self._remember(copy["sha256"], copy.get("phash") or "", site)
+            mark = _fingerprint_of(copy)
+            self._remember(copy["sha256"], mark.to_hex() if mark else "", site)
         self._take_back(copies)
 
     def _finish_take_backs(self) -> None:
@@ -419,13 +420,12 @@ class Collector:
         """`copies` and every kept image from `site` near-identical to one of them from that
         site, and so on."""
         family = dict(copies)
-        todo = [record for _, record in copies
-                if record.get("phash") and site_of(record["url"]) == site]
+        todo = [mark for _, record in copies
+                if site_of(record["url"]) == site and (mark := _fingerprint_of(record))]
         while todo:
-            mark = Fingerprint.from_hex(todo.pop()["phash"])
-            for offset, record in self._near_copies_of(mark, site, set(family)):
+            for offset, record in self._near_copies_of(todo.pop(), site, set(family)):
                 family[offset] = record
-                todo.append(record)
+                todo.extend(filter(None, [_fingerprint_of(record)]))
         return list(family.items())
 
     def _remember(self, digest: str, phash: str = "", site: str = "") -> None:
@@ -448,6 +448,15 @@ class Collector:
         folder.mkdir(exist_ok=True)
         if path.exists():
             os.replace(path, folder / f"{digest}{path.suffix}")
+
+
+def _fingerprint_of(record: dict[str, Any]) -> Fingerprint | None:
+    """A journal record's fingerprint; None for an image never hashed, or a `phash` this
+    version cannot read (an edited or foreign journal: the image is then just not compared)."""
+    try:
+        return Fingerprint.from_hex(record["phash"]) if record.get("phash") else None
+    except ValueError:
+        return None
 
 
 def _class_of(record: dict[str, Any]) -> str:
