@@ -96,6 +96,12 @@ def view_from_hex(text: str) -> View:
     return words[0], tuple(words[1:])
 
 
+def coarse_from_hex(text: str) -> int:
+    """Only the coarse hash of view_to_hex's text (its first 16 digits), without parsing the
+    rest; ValueError when they are not hex."""
+    return int(text[:16], 16)
+
+
 def fine_distance(a: View, b: View) -> int:
     """Bits in which two views' fine hashes differ."""
     return sum((x ^ y).bit_count() for x, y in zip(a[1], b[1], strict=True))
