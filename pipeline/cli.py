@@ -120,11 +120,25 @@ def cli(verbose: bool, quiet: bool) -> None:
                    "resets); connection failures and timeouts wait for the next run.")
 @click.option("--host-failures", type=click.IntRange(min=1), default=GATHER.host_failures,
               show_default=True,
-              help="Consecutive connection failures/timeouts after which a host's other URLs "
-                   "are not requested in this run (journaled host_down, tried next run).")
+              help="Connection failures in a row (refused, no connection within --timeout, "
+                   "TLS) that pause a host; one more try after --host-down-after seconds, and "
+                   "if it fails too the host's other URLs are not requested in this run "
+                   "(journaled host_down, tried next run).")
+@click.option("--host-down-after", type=click.FloatRange(min=0), default=GATHER.host_down_after,
+              show_default=True,
+              help="Seconds a host's failures must span before it is given up for the run.")
 @click.option("--resolve", "resolve", multiple=True, metavar="HOST:PORT:ADDR",
               help="Connect to ADDR for HOST (and PORT; HOST:ADDR for any port) without DNS, "
                    "as curl's --resolve (repeatable).")
+@click.option("--dns-server", "dns_servers", multiple=True, metavar="ADDR[:PORT]",
+              help="Ask this DNS resolver instead of the system's (repeatable; /etc/hosts and "
+                   "--resolve still come first), e.g. for a node without a good local "
+                   "resolver.")
+@click.option("--dns-timeout", type=click.FloatRange(min=0.1), default=GATHER.dns_timeout,
+              show_default=True,
+              help="Seconds one name lookup may take. A name that does not exist is "
+                   "host_not_found for all its URLs (tried again next run); a timeout is asked "
+                   "again before it counts.")
 @click.option("--allow-private-redirects", is_flag=True,
               help="Follow redirects from public addresses to loopback/private/link-local ones "
                    "(refused by default as blocked_redirect).")
@@ -149,7 +163,8 @@ def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Pat
            limit: int | None,
            concurrency: int, per_host: int, processes: int | None, timeout: float,
            url_deadline: float, min_rate: int, retries: int, host_failures: int,
-           resolve: tuple[str, ...], allow_private_redirects: bool, max_bytes: int,
+           host_down_after: float, resolve: tuple[str, ...], dns_servers: tuple[str, ...],
+           dns_timeout: float, allow_private_redirects: bool, max_bytes: int,
            min_size: int, ignore_opt_out: bool, placeholders: tuple[Path, ...],
            placeholder_after: int) -> None:
     """Download the images of one or more synsets, in parallel, resumably.
@@ -161,14 +176,16 @@ def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Pat
     printed (exit 130; 143 for SIGTERM).
     """
     from pipeline import gather as stage
-    from pipeline.gather.hosts import parse_resolve
+    from pipeline.gather.names import parse_dns_server, parse_resolve
     from pipeline.urllist import read_wnids_file, read_words
 
     requested = list(wnids) + (read_wnids_file(wnids_file) if wnids_file else [])
     options = GatherOptions(
         out=out, concurrency=concurrency, per_host=per_host, processes=processes or 0,
         timeout=timeout, url_deadline=url_deadline, min_rate=min_rate, retries=retries,
-        host_failures=host_failures, resolve=tuple(parse_resolve(r) for r in resolve),
+        host_failures=host_failures, host_down_after=host_down_after,
+        resolve=tuple(parse_resolve(r) for r in resolve),
+        dns_servers=tuple(parse_dns_server(d) for d in dns_servers), dns_timeout=dns_timeout,
         allow_private_redirects=allow_private_redirects, max_bytes=max_bytes,
         min_size=min_size, limit=limit, honour_opt_out=not ignore_opt_out,
         placeholder_digests=frozenset(hashlib.sha256(p.read_bytes()).hexdigest()

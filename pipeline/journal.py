@@ -25,12 +25,14 @@ PLACEHOLDERS_NAME = "placeholders.txt"  # bodies found to be placeholders, besid
 
 # In the order the summary table shows them. Final: ok, dead, http_error (4xx), not_image,
 # too_large, too_small, placeholder, duplicate, opted_out, blocked_redirect. Transient (tried
-# again by the next run): timeout, unreachable (refused, DNS, TLS), http_error (5xx, 429),
-# host_down (not requested: its host failed too often), interrupted (Ctrl-C).
-OUTCOMES = ("ok", "dead", "http_error", "timeout", "unreachable", "host_down", "interrupted",
-            "not_image", "too_large", "too_small", "placeholder", "duplicate", "opted_out",
-            "blocked_redirect")
-ALWAYS_TRANSIENT = frozenset({"timeout", "unreachable", "host_down", "interrupted"})
+# again by the next run): timeout, unreachable (refused, TLS, no route), http_error (5xx, 429),
+# host_down (not requested: its host failed too often), host_not_found (not requested: its
+# name did not resolve), interrupted (Ctrl-C).
+OUTCOMES = ("ok", "dead", "http_error", "timeout", "unreachable", "host_down", "host_not_found",
+            "interrupted", "not_image", "too_large", "too_small", "placeholder", "duplicate",
+            "opted_out", "blocked_redirect")
+ALWAYS_TRANSIENT = frozenset({"timeout", "unreachable", "host_down", "host_not_found",
+                              "interrupted"})
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 

@@ -10,7 +10,8 @@ import pytest
 from yarl import URL
 
 from pipeline.errors import InputError
-from pipeline.gather.hosts import HostBook, Resolver, host_key, is_public, parse_resolve
+from pipeline.gather.hosts import HostBook, host_key, is_public
+from pipeline.gather.names import Resolver, parse_resolve
 from pipeline.gather.http import _refused_redirect, opted_out, parse_retry_after
 from pipeline.gather.options import GatherOptions
 from pipeline.gather.schedule import Scheduler
@@ -69,21 +70,93 @@ def test_host_key_and_public_addresses():
 
 
 def test_host_goes_down_after_failures_begun_after_its_last_answer():
-    book = HostBook(per_host=4, max_failures=3)
+    book = HostBook(per_host=4, max_failures=3, down_after=20.0)
     book.record("h", connection_failed=False, started=0.0, now=10.0)
     # Attempts begun before the answer at t=10 fail later: they say nothing about the host.
     for _ in range(5):
         book.record("h", connection_failed=True, started=5.0, now=11.0, error="timeout")
-    assert not book.is_down("h")
+    assert book.state("h").failures == 0
     book.record("h", connection_failed=True, started=12.0, now=13.0, error="refused")
     book.record("h", connection_failed=True, started=12.0, now=13.0, error="refused")
     book.record("h", connection_failed=False, started=12.5, now=13.5)  # answers again
-    book.record("h", connection_failed=True, started=14.0, now=15.0, error="refused")
-    book.record("h", connection_failed=True, started=14.0, now=15.0, error="refused")
+    assert book.state("h").failures == 0
+    for _ in range(3):
+        book.record("h", connection_failed=True, started=14.0, now=15.0, error="refused")
+    assert book.state("h").failures == 3 and not book.is_down("h")
+
+
+def test_failures_open_the_breaker_and_only_a_failed_half_open_probe_gives_a_host_up():
+    """Down needs failures spread over `down_after` seconds: N failures at once pause the
+    host; one URL tries again after the pause, and only its failure gives the host up."""
+    book = HostBook(per_host=16, max_failures=3, down_after=20.0)
+    for _ in range(3):
+        book.record("h", connection_failed=True, started=0.0, now=5.0, error="refused")
+    state = book.state("h")
+    assert not book.is_down("h") and state.probe_at == 25.0  # 20 s after the first failure
+    assert not book.available("h", 24.9)
+    assert book.available("h", 25.0)
+    state.in_flight = 1  # the probe: one URL at a time
+    assert not book.available("h", 26.0)
+    # A late failure of an attempt begun before the pause decides nothing.
+    book.record("h", connection_failed=True, started=4.0, now=26.0, error="refused")
     assert not book.is_down("h")
-    book.record("h", connection_failed=True, started=14.0, now=15.0, error="refused")
-    assert book.is_down("h") and "3 connection failures" in book.state("h").down_because
-    assert book.down_count() == 1
+    book.record("h", connection_failed=True, started=25.0, now=25.5, error="refused")
+    assert book.is_down("h") and state.given_up_as == "host_down"
+    assert "4 connection failures in a row over 20 s" in state.down_because
+    assert book.down_count("host_down") == 1
+
+
+def test_a_host_that_answers_its_probe_is_used_again():
+    book = HostBook(per_host=4, max_failures=2, down_after=10.0)
+    for _ in range(2):
+        book.record("h", connection_failed=True, started=0.0, now=1.0, error="timeout")
+    book.record("h", connection_failed=False, started=10.0, now=10.2)
+    state = book.state("h")
+    assert state.probe_at is None and state.failures == 0 and not book.is_down("h")
+    state.in_flight = 0
+    assert book.available("h", 10.3)
+
+
+def test_failures_of_our_own_making_never_count():
+    book = HostBook(per_host=4, max_failures=1, down_after=0.0)
+    for k in range(5):
+        book.record("h", connection_failed=True, started=k, now=k + 5.0, error="timeout",
+                    timed_out=True, ours="our event loop ran 2.0 s late meanwhile")
+    assert book.state("h").failures == 0 and not book.is_down("h")
+    book.record("h", connection_failed=True, started=9.0, now=9.5, error="no descriptors",
+                ours="local error: Too many open files")
+    assert book.trouble.slow  # a local error says the trouble is ours at once
+
+
+def test_many_sites_timing_out_while_nobody_answers_is_local_trouble():
+    book = HostBook(per_host=4, max_failures=1, down_after=0.0)
+    book.record("alive.example", connection_failed=False, started=0.0, now=0.1)
+    # Refusals are the hosts' own answers: they count, however many at once.
+    for k in range(12):
+        book.record(f"refusing{k}.example", connection_failed=True, started=10.0, now=10.1,
+                    error="refused")
+    assert not book.trouble.slow and book.state("refusing0.example").failures == 1
+    # Connect timeouts from ten unrelated sites within 5 s while none answers: ours.
+    for k in range(12):
+        book.record(f"www.site{k}.example", connection_failed=True, started=10.0,
+                    now=15.0 + k * 0.1, error="no connection", timed_out=True)
+    assert book.trouble.slow and book.trouble.episodes == 1
+    blamed = [k for k in range(12) if book.state(f"www.site{k}.example").failures]
+    assert len(blamed) == 9  # the ones before the tenth site; none after
+    # An answer to an attempt begun after the trouble began ends it.
+    book.record("alive.example", connection_failed=False, started=15.0, now=16.0)
+    assert book.trouble.slow
+    book.record("alive.example", connection_failed=False, started=17.0, now=17.1)
+    assert not book.trouble.slow
+
+
+def test_several_sites_that_answered_before_failing_at_once_is_local_trouble():
+    book = HostBook(per_host=4, max_failures=1, down_after=0.0)
+    for site in ("a.example", "b.example", "c.example"):
+        book.record(site, connection_failed=False, started=0.0, now=0.1)
+    for site in ("a.example", "b.example", "c.example"):
+        book.record(site, connection_failed=True, started=1.0, now=6.0, timed_out=True)
+    assert book.trouble.slow and not book.state("c.example").failures
 
 
 def entries(klass: str, hosts: list[str], per_host: int) -> list[UrlEntry]:
@@ -134,6 +207,7 @@ def test_scheduler_drops_the_queue_of_a_down_host_and_pauses_only_the_throttled_
     first = [scheduler.next(0.0) for _ in range(3)]
     dead = next(j for j in first if j.host == "dead")
     book.record("dead", connection_failed=True, started=0.0, now=1.0, error="refused")
+    book.record("dead", connection_failed=True, started=2.0, now=2.0, error="refused")  # probe
     scheduler.finished(dead)
     slow = next(j for j in first if j.host == "slow")
     book.pause("slow", until=30.0)  # Retry-After: 29 s

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web as aioweb
 
 from pipeline.gather import GatherOptions, gather_synsets
-from pipeline.gather.hosts import parse_resolve
+from pipeline.gather.names import parse_resolve
 from pipeline.journal import read_journal, read_placeholders
 
 import serve_web
@@ -146,7 +146,8 @@ def test_many_hostnames_per_host_limit_and_dead_hosts_cost_a_few_attempts(
     before = web.stats()
     per_host, failures = 2, 3
     gather_synsets(urls, wnids, options(tmp_path / "raw", web, per_host=per_host,
-                                        concurrency=64, host_failures=failures))
+                                        concurrency=64, host_failures=failures,
+                                        host_down_after=1.0))
     after = web.stats()
     journal = read_journal(tmp_path / "raw" / "gather.jsonl")
     assert set(journal) == {image_id for image_id, _ in lines}
@@ -161,24 +162,33 @@ def test_many_hostnames_per_host_limit_and_dead_hosts_cost_a_few_attempts(
         if host.behaviour == "alive":
             continue
         counts = by_host[host.name]
-        # At most `failures` attempts, plus those already in flight when it went down.
-        assert counts["unreachable"] <= failures + per_host - 1, (host, counts)
-        assert counts["host_down"] >= 30 - failures - per_host + 1, (host, counts)
+        if host.behaviour == "dns_dead":  # one lookup, no request
+            assert counts == {"host_not_found": 30}, (host, counts)
+            continue
+        # At most `failures` attempts and the half-open probe, plus those already in flight
+        # when it went down.
+        assert counts["unreachable"] <= failures + 1 + per_host - 1, (host, counts)
+        assert counts["host_down"] >= 30 - failures - per_host, (host, counts)
         assert counts["unreachable"] + counts["host_down"] == 30
     down = [r for r in journal.values() if r["outcome"] == "host_down"]
     assert all(not r["final"] and r["error"].startswith("host down: ") for r in down)
     assert all(r["attempts"] == 0 for r in down)  # never requested
+    not_found = [r for r in journal.values() if r["outcome"] == "host_not_found"]
+    assert not_found and all(not r["final"] and r["attempts"] == 0 for r in not_found)
 
     # A re-run tries the dead hosts again (they may have come back); good images are kept.
     lines_before = (tmp_path / "raw" / "gather.jsonl").read_text().count("\n")
     report = gather_synsets(urls, wnids, options(tmp_path / "raw", web, per_host=per_host,
-                                                 concurrency=64, host_failures=failures))
+                                                 concurrency=64, host_failures=failures,
+                                                 host_down_after=1.0))
     assert report.skipped == 160
     new = [json.loads(line) for line in
            (tmp_path / "raw" / "gather.jsonl").read_text().splitlines()[lines_before:]]
     second = outcomes_by_host({r["id"]: r for r in new}, web)
     for host in web.hosts:
-        if host.behaviour != "alive":
+        if host.behaviour == "dns_dead":
+            assert second[host.name] == {"host_not_found": 30}
+        elif host.behaviour != "alive":
             assert second[host.name]["unreachable"] >= 1
             assert sum(second[host.name].values()) == 30
 

@@ -1,11 +1,22 @@
-"""Hosts: name resolution (with `--resolve` and a negative cache), which addresses a redirect
-may reach, and per-host health and politeness for the scheduler.
+"""Hosts: which addresses a redirect may reach, and per-host health and politeness for the
+scheduler.
 
 On the real ImageNet list 40-60% of the URLs are dead, much of it whole hosts (DNS gone,
-connections refused or black-holed). A host that failed `host_failures` times in a row is not
-asked again in this run, so a dead host costs a handful of attempts, not one per URL: until it
-has answered once, a host gets exactly that many attempts (its probe, all at once: one round
-of timeouts, not several), and no more while they fail.
+connections refused or black-holed). A breaker per host keeps a dead host from costing one
+attempt per URL, and blames a host only for the host's own failures:
+
+- What counts: a refused connection, a connect timeout, a TLS failure, after the host's name
+  resolved (names are looked up on their own, see `names`). What never counts: a failure of an
+  attempt begun before the host's last answer (a burst of URLs started together fails
+  together), one the worker marks as ours (its event loop lagged, or the error is local: no
+  file descriptors, no local port, no route), and any failure while the trouble looks local
+  (`LocalTrouble`: many unrelated sites failing at once while nobody answers).
+- Until it has answered once, a host gets `host_failures` attempts at once (its probe: one
+  round of timeouts, not several). After `host_failures` failures in a row the breaker opens:
+  the host's URLs wait, and `down_after` seconds after the first of those failures one URL is
+  tried again (half-open). Only if that one fails too is the host down for this run: its URLs
+  are journaled `host_down` without being requested, and tried again by the next run. A host
+  is thus given up only after failures spread over at least `down_after` seconds.
 
 A host that has answered a few times gets a read timeout fitted to it, as TCP fits its
 retransmission timeout: the smoothed answer time plus four deviations, at least
@@ -23,36 +34,15 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-import socket
+import logging
+from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
+from pipeline.gather.names import Answer, Pin, is_ip, name_of, pinned_address
 
-from pipeline.errors import InputError
-
-# RFC 6761: resolvers must answer names under these at once, negatively, without asking DNS.
-NEVER_RESOLVED = (".invalid", ".invalid.")
-
-Pin = tuple[str, int | None, str]  # (host, port or None for any, address)
-
-
-def parse_resolve(value: str) -> Pin:
-    """`HOST:PORT:ADDR` as curl takes it, or `HOST:ADDR` for any port; IPv6 as [::1]."""
-    host, _, rest = value.partition(":")
-    port_text, _, address = rest.partition(":")
-    if not address or address.startswith(":") or not port_text.isdigit():
-        port_text, address = "", rest
-    address = address.strip("[]")
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        raise InputError(f"--resolve {value!r}: expected HOST:PORT:ADDR or HOST:ADDR with an "
-                         "IP address, e.g. images.example:80:127.0.0.2") from None
-    if not host:
-        raise InputError(f"--resolve {value!r}: the host name is missing")
-    return host.lower(), int(port_text) if port_text else None, address
+log = logging.getLogger(__name__)
 
 
 def host_key(url: str) -> str:
@@ -75,18 +65,10 @@ def site_of(url: str) -> str:
     except ValueError:  # no request could be made of it
         return ""
     labels = host.split(".")
-    if len(labels) < 3 or _is_address(host):
+    if len(labels) < 3 or is_ip(host):
         return host
     keep = 3 if len(labels[-1]) == 2 and labels[-2] in _SECOND_LEVEL else 2
     return ".".join(labels[-keep:])
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def is_public(address: str) -> bool:
@@ -97,82 +79,54 @@ def is_public(address: str) -> bool:
     return ip.is_global
 
 
-class Resolver(AbstractResolver):
-    """The system resolver behind `--resolve` pins, with failures remembered for the run.
-
-    A DNS failure is final for this run: a host whose name is gone today is not asked again
-    for each of its thousands of URLs (aiohttp caches only successes).
-    """
-
-    def __init__(self, pins: tuple[Pin, ...] = ()) -> None:
-        self._pins = {(host, port): address for host, port, address in pins}
-        self._system = ThreadedResolver()
-        self._failed: dict[str, OSError] = {}
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        name = host.lower()
-        pinned = self._pins.get((name, port)) or self._pins.get((name, None))
-        if pinned is not None:
-            return [_result(host, pinned, port)]
-        if name.endswith(NEVER_RESOLVED):
-            raise OSError(f"{host} is a reserved name that never resolves")
-        if name in self._failed:
-            raise self._failed[name]
-        try:
-            return await self._system.resolve(host, port, family)
-        except OSError as exc:
-            self._failed[name] = exc
-            raise
-
-    async def addresses(self, host: str, port: int) -> list[str]:
-        if _is_ip(host):
-            return [host]
-        return [result["host"] for result in await self.resolve(host, port)]
-
-    async def close(self) -> None:
-        await self._system.close()
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
-def _result(hostname: str, address: str, port: int) -> ResolveResult:
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    return ResolveResult(hostname=hostname, host=address, port=port, family=family,
-                         proto=0, flags=socket.AI_NUMERICHOST)
-
-
 ADAPTIVE_FLOOR = 1.0  # seconds: the shortest read timeout a host is given (RFC 6298's RTO)
 ADAPTIVE_SAMPLES = 4  # answers seen before a host's own timeout applies
 CUT_RETRY_LIMIT = 2 * ADAPTIVE_FLOOR  # the most a cut URL's retry doubles its timer to
 
 
+PROBE_AT_LEAST = 1.0  # seconds between the breaker opening and its half-open probe
+TROUBLE_WINDOW = 5.0  # seconds within which many failing sites suggest the trouble is ours
+TROUBLE_SITES = 10  # sites failing to connect in the window while nobody answers
+TROUBLE_RELAPSED = 3  # sites that had answered before, failing to connect in the window
+
+
+class NameSource(Protocol):
+    """What the host book needs of a resolver (`names.NameService`)."""
+
+    def request(self, name: str) -> None: ...
+
+    def answer(self, name: str) -> Answer | None: ...
+
+
 @dataclass
 class HostState:
     in_flight: int = 0
-    failures: int = 0  # consecutive connection failures and timeouts
+    failures: int = 0  # consecutive connection failures that counted
+    first_failed_at: float = 0.0  # when the first of them came
+    probe_at: float | None = None  # the breaker is open: one URL may try again from then
     down_because: str = ""  # set once the host is given up for this run
+    given_up_as: str = ""  # the journal outcome of its remaining URLs
     not_before: float = 0.0  # a Retry-After pause, on the monotonic clock
     answered_at: float = float("-inf")  # when it last gave an HTTP answer
     answers: int = 0
     smoothed: float = 0.0  # answer time, smoothed (seconds)
     deviation: float = 0.0  # its mean deviation
     last_error: str = ""
+    addresses: tuple[str, ...] | None = None  # None: not resolved yet; (): the worker resolves
 
 
 class HostBook:
-    """Per-host politeness (connections at once, Retry-After pauses) and health."""
+    """Per-host politeness (connections at once, Retry-After pauses), names and health."""
 
-    def __init__(self, per_host: int, max_failures: int) -> None:
+    def __init__(self, per_host: int, max_failures: int, down_after: float = 0.0,
+                 names: NameSource | None = None, pins: tuple[Pin, ...] = ()) -> None:
         self.per_host = per_host
         self.max_failures = max_failures
+        self.down_after = down_after
+        self.names = names
+        self.pins = pins
         self.hosts: dict[str, HostState] = {}
+        self.trouble = LocalTrouble()
         self._pauses: list[tuple[float, str]] = []
 
     def state(self, host: str) -> HostState:
@@ -182,10 +136,41 @@ class HostBook:
         return state
 
     def available(self, host: str, now: float) -> bool:
+        """Whether one more URL of the host may start now. Asks for its name the first time,
+        so names are looked up as their hosts come near the front of the schedule."""
         state = self.state(host)
+        if state.addresses is None and not self._resolved(host, state):
+            return False
+        if now < state.not_before:
+            return False
+        if state.probe_at is not None:  # open: one half-open probe, once it is due
+            return now >= state.probe_at and state.in_flight == 0
         limit = (self.per_host if state.answers
                  else min(self.per_host, self.max_failures - state.failures))
-        return state.in_flight < limit and now >= state.not_before
+        return state.in_flight < limit
+
+    def _resolved(self, host: str, state: HostState) -> bool:
+        name = name_of(host)
+        port = int(host.rpartition(":")[2]) if host.rpartition(":")[2].isdigit() else None
+        if is_ip(name):
+            state.addresses = (name.strip("[]"),)
+        elif (pinned := pinned_address(self.pins, name.lower(), port)) is not None:
+            state.addresses = (pinned,)
+        elif self.names is None:
+            state.addresses = ()
+        elif (answer := self.names.answer(name)) is None:
+            self.names.request(name)
+            return False
+        elif not answer.addresses:
+            self._give_up(state, "host_not_found", answer.error)
+            return False
+        else:
+            state.addresses = answer.addresses
+        return True
+
+    def addresses(self, host: str) -> tuple[str, ...]:
+        """What the host's name resolved to (empty: the worker resolves it itself)."""
+        return self.state(host).addresses or ()
 
     def read_timeout(self, host: str, longest: float) -> float | None:
         """This host's own read timeout, or None while it has answered too rarely to tell."""
@@ -200,26 +185,57 @@ class HostBook:
         return state is not None and bool(state.down_because)
 
     def record(self, host: str, *, connection_failed: bool, started: float, now: float,
-               error: str = "", cut_short: bool = False) -> None:
-        """Any HTTP answer proves the host alive. A failure counts only if its attempt began
-        after the host's last answer: attempts started together (a burst of hung URLs on a
-        busy, healthy host) fail together, and that says nothing about the host."""
+               error: str = "", cut_short: bool = False, ours: str = "",
+               timed_out: bool = False) -> None:
+        """Any HTTP answer proves the host alive; a failure counts only if the host is to
+        blame (see the module's docstring). `ours`: the worker found the failure to be of
+        our own making; `timed_out`: no connection within --timeout (a refusal or a TLS
+        failure is the host's own answer, a timeout may be our network's)."""
         state = self.state(host)
         if cut_short:
             self._back_off(state, now - started)
             return
         if not connection_failed:
-            state.failures = 0
-            state.answered_at = now
-            self._time_answer(state, now - started)
+            self._answered(host, state, started, now)
+            return
+        if ours:
+            self.trouble.local(ours, now)
             return
         if started < state.answered_at:
             return
+        if timed_out and self.trouble.failed(host, now, answered_before=state.answers > 0):
+            return
+        if state.probe_at is not None and started < state.probe_at:
+            return  # begun before the breaker opened: the probe decides
+        self._count_failure(host, state, now, error)
+
+    def _answered(self, host: str, state: HostState, started: float, now: float) -> None:
+        if state.probe_at is not None:
+            log.info("%s answered its half-open probe: trying its URLs again", host)
+        state.failures = 0
+        state.probe_at = None
+        state.answered_at = now
+        self.trouble.answered(started)
+        self._time_answer(state, now - started)
+
+    def _count_failure(self, host: str, state: HostState, now: float, error: str) -> None:
+        if not state.failures:
+            state.first_failed_at = now
         state.failures += 1
         state.last_error = error
-        if state.failures >= self.max_failures and not state.down_because:
-            state.down_because = (f"host down: {state.failures} connection failures in a row "
-                                  f"(last: {error})")
+        if state.probe_at is not None:  # the half-open probe failed too
+            self._give_up(state, "host_down",
+                          f"host down: {state.failures} connection failures in a row over "
+                          f"{now - state.first_failed_at:.0f} s, the last one a retry after "
+                          f"a pause (last: {error})")
+        elif state.failures >= self.max_failures:
+            state.probe_at = max(state.first_failed_at + self.down_after, now + PROBE_AT_LEAST)
+            heapq.heappush(self._pauses, (state.probe_at, host))  # the scheduler wakes then
+
+    @staticmethod
+    def _give_up(state: HostState, outcome: str, reason: str) -> None:
+        if not state.down_because:
+            state.given_up_as, state.down_because = outcome, reason
 
     @staticmethod
     def _back_off(state: HostState, waited: float) -> None:
@@ -247,5 +263,58 @@ class HostBook:
             heapq.heappop(self._pauses)
         return self._pauses[0][0] if self._pauses else None
 
-    def down_count(self) -> int:
-        return sum(1 for state in self.hosts.values() if state.down_because)
+    def down_count(self, outcome: str = "host_down") -> int:
+        return sum(1 for state in self.hosts.values() if state.given_up_as == outcome)
+
+
+class LocalTrouble:
+    """Many unrelated sites failing to connect within a few seconds while nobody answers, or
+    several that had answered before: the network, the resolver or our connection table is
+    the likelier culprit. While it lasts no failure counts against a host, the coordinator
+    slows down (`slow`), and an answer to an attempt begun after it started ends it."""
+
+    def __init__(self) -> None:
+        self._failures: deque[tuple[float, str, bool]] = deque()  # (time, site, answered)
+        self._last_answer = float("-inf")
+        self.since: float | None = None
+        self.episodes = 0
+
+    @property
+    def slow(self) -> bool:
+        return self.since is not None
+
+    def answered(self, started: float) -> None:
+        self._last_answer = max(self._last_answer, started)
+        if self.since is not None and started >= self.since:
+            log.warning("the trouble that looked local is over (a host answered): full speed")
+            self.since = None
+
+    def failed(self, host: str, now: float, *, answered_before: bool) -> bool:
+        """Note a host's failure; whether the trouble looks local (then it does not count)."""
+        if self.since is not None:
+            return True
+        self._failures.append((now, site_of(f"//{host}"), answered_before))
+        while self._failures[0][0] < now - TROUBLE_WINDOW:
+            self._failures.popleft()
+        sites = {site for _, site, _ in self._failures}
+        relapsed = {site for _, site, before in self._failures if before}
+        if len(relapsed) >= TROUBLE_RELAPSED:
+            self._begin(now, f"{len(relapsed)} sites that had answered failed to connect within "
+                             f"{TROUBLE_WINDOW:g} s")
+        elif len(sites) >= TROUBLE_SITES and self._last_answer < now - TROUBLE_WINDOW:
+            self._begin(now, f"{len(sites)} sites failed to connect within {TROUBLE_WINDOW:g} s "
+                             "and none answered")
+        return self.since is not None
+
+    def local(self, why: str, now: float) -> None:
+        """A failure the worker knows is ours (no file descriptor, no port, no route)."""
+        if why.startswith("local error") and self.since is None:
+            self._begin(now, why)
+
+    def _begin(self, now: float, why: str) -> None:
+        self.since = now
+        self.episodes += 1
+        self._failures.clear()
+        log.warning("%s: the trouble looks local (network, resolver, connection table), not "
+                    "the hosts'; slowing down and giving up no host for it until one answers",
+                    why)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import errno
 import time
 from dataclasses import dataclass
 
 import aiohttp
 from yarl import URL
 
-from pipeline.gather.hosts import Resolver, is_public
+from pipeline.gather.hosts import is_public
+from pipeline.gather.names import Resolver
 from pipeline.gather.options import GatherOptions
 from pipeline.images import sniff_extension
 from pipeline.journal import RETRYABLE_STATUSES
@@ -29,15 +31,20 @@ OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 SNIFF_BYTES = 16  # enough for every magic number sniff_extension knows
+# Connect errors of our own making: out of descriptors, ports or buffers, no route or network.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL, errno.ENOBUFS,
+                          errno.ENOMEM, errno.ENETUNREACH, errno.ENETDOWN})
 
 
 @dataclass
 class Attempt:
     """What one attempt gave. `body` is set only when there is an image left to check.
 
-    `connection_failed` feeds host health (refused, DNS, TLS, timeouts, resets); `retry` says
-    whether another attempt in this run can help; `final` whether a later run should try again;
-    `cut_short`: silent for longer than the host's own read timeout, but not the full --timeout.
+    `connection_failed` feeds host health (refused, TLS, connect timeouts), `timed_out` when
+    it was a connect timeout; `ours` says why a failure was our own making (never the host's);
+    `retry` says whether another attempt in this run can help; `final` whether a later run
+    should try again; `cut_short`: silent for longer than the host's own read timeout, but not
+    the full --timeout.
     """
 
     outcome: str
@@ -49,6 +56,8 @@ class Attempt:
     retry: bool = False
     retry_after: float | None = None
     cut_short: bool = False
+    timed_out: bool = False
+    ours: str = ""
 
 
 def _failed(outcome: str, error: str, *, retry: bool = False,
@@ -74,13 +83,26 @@ async def fetch_once(session: aiohttp.ClientSession, url: str, options: GatherOp
     """
     timeout = None if read_timeout is None else aiohttp.ClientTimeout(
         total=None, sock_connect=options.timeout, sock_read=read_timeout)
+    hops = [URL(url, encoded=True)]
+    attempt = await _attempt(session, hops, options, resolver, timeout, read_timeout)
+    if attempt.connection_failed and hops[-1].host != hops[0].host:
+        attempt.connection_failed = False  # another host's failure: the host itself answered
+    return attempt
+
+
+async def _attempt(session: aiohttp.ClientSession, hops: list[URL], options: GatherOptions,
+                   resolver: Resolver, timeout: aiohttp.ClientTimeout | None,
+                   read_timeout: float | None) -> Attempt:
     try:
         async with asyncio.timeout(options.url_deadline):
-            return await _follow(session, URL(url, encoded=True), options, resolver, timeout)
+            return await _follow(session, hops, options, resolver, timeout)
     except _TooSlow as slow:
         return _failed("timeout", str(slow))
     except aiohttp.ConnectionTimeoutError:
-        return _failed("unreachable", f"no connection within {options.timeout:g} s (--timeout)")
+        attempt = _failed("unreachable", f"no connection within {options.timeout:g} s "
+                                         "(--timeout)")
+        attempt.timed_out = True
+        return attempt
     except aiohttp.SocketTimeoutError:
         if read_timeout is not None:
             return _cut_short(read_timeout)
@@ -88,12 +110,12 @@ async def fetch_once(session: aiohttp.ClientSession, url: str, options: GatherOp
     except TimeoutError:
         return _failed("timeout", f"not finished within {options.url_deadline:g} s "
                                   "(--url-deadline)")
-    except aiohttp.ClientConnectorDNSError as exc:
-        return _failed("unreachable", f"host not found: {exc.os_error}")
+    except aiohttp.ClientConnectorDNSError as exc:  # a redirect's host: URLs' hosts are resolved
+        return Attempt("host_not_found", final=False, error=str(exc.os_error))
     except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
         return _failed("unreachable", f"TLS failure: {exc}")
     except aiohttp.ClientConnectorError as exc:
-        return _failed("unreachable", f"cannot connect: {exc.os_error}")
+        return _connect_failed(exc.os_error)
     except (aiohttp.InvalidURL, ValueError) as exc:
         return Attempt("dead", final=True, error=f"invalid URL: {exc}")
     except (aiohttp.ClientError, OSError) as exc:
@@ -102,12 +124,24 @@ async def fetch_once(session: aiohttp.ClientSession, url: str, options: GatherOp
         return _failed("dead", f"{type(exc).__name__}: {exc}", retry=True, connection=False)
 
 
+def _connect_failed(error: OSError) -> Attempt:
+    """Refused is the host's answer; running out of descriptors or ports, or having no
+    route, is ours: retried, never held against the host."""
+    attempt = _failed("unreachable", f"cannot connect: {error}")
+    if error.errno in LOCAL_ERRNOS:
+        attempt.ours = f"local error: {error.strerror or error}"
+        attempt.retry = True
+    return attempt
+
+
 class _TooSlow(Exception):
     pass
 
 
-async def _follow(session: aiohttp.ClientSession, url: URL, options: GatherOptions,
+async def _follow(session: aiohttp.ClientSession, hops: list[URL], options: GatherOptions,
                   resolver: Resolver, timeout: aiohttp.ClientTimeout | None) -> Attempt:
+    """Each hop is appended to `hops` before it is requested."""
+    url = hops[-1]
     for _ in range(MAX_REDIRECTS + 1):
         async with session.get(url, allow_redirects=False,
                                **({"timeout": timeout} if timeout else {})) as response:
@@ -119,6 +153,7 @@ async def _follow(session: aiohttp.ClientSession, url: URL, options: GatherOptio
         if refused is not None:
             return refused
         url = target
+        hops.append(url)
     return Attempt("dead", final=True, error=f"more than {MAX_REDIRECTS} redirects")
 
 

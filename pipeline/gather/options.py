@@ -36,6 +36,9 @@ class GatherOptions:
     min_rate: int = 1024  # bytes/s a body must average once `timeout` has passed
     retries: int = 3
     host_failures: int = 5  # consecutive connection failures/timeouts before a host is down
+    host_down_after: float = 20.0  # seconds those failures must span (then one more probe)
+    dns_servers: tuple[str, ...] = ()  # ADDR:PORT, instead of the system's resolvers
+    dns_timeout: float = 5.0  # one lookup
     max_bytes: int = 20 * 2**20
     min_size: int = VALIDATE.min_size
     limit: int | None = None

@@ -19,6 +19,7 @@ from pipeline.errors import InputError
 from pipeline.fsutil import JsonLinesWriter, remove_stale_temp_files
 from pipeline.gather.hosts import CUT_RETRY_LIMIT, HostBook, host_key
 from pipeline.gather.http import Attempt
+from pipeline.gather.names import NameService
 from pipeline.gather.options import GatherOptions
 from pipeline.gather.schedule import Job, Scheduler
 from pipeline.gather.store import LOOKUP_BATCH, Collector, target_stem
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.2  # the coordinator wakes at least this often (signals, progress)
 STATUS_EVERY = 1.0
+TROUBLE_SHARE = 8  # while the trouble looks local, 1/8 of --concurrency is in flight
+TROUBLE_MIN = 4
 
 
 @dataclass
@@ -51,6 +54,9 @@ class GatherReport:
     overall: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     seconds: float = 0.0
     hosts_down: int = 0
+    hosts_not_found: int = 0
+    lookups: int = 0  # DNS lookups made (a name is asked once, a timeout twice)
+    local_trouble: int = 0  # episodes when many hosts failed at once and the trouble looked ours
     placeholders_found: int = 0  # distinct repeated bodies recognised as placeholders
     by_hyponym: dict[tuple[str, str], Counter[str]] = field(
         default_factory=lambda: defaultdict(Counter))  # (class, hyponym) -> outcomes
@@ -77,6 +83,12 @@ class GatherReport:
                 f"{self.skipped} already final in the journal")
         if self.hosts_down:
             line += f", {self.hosts_down} host(s) given up as down (tried again next run)"
+        if self.hosts_not_found:
+            line += (f", {self.hosts_not_found} host name(s) not found in {self.lookups} "
+                     "lookup(s) (tried again next run)")
+        if self.local_trouble:
+            line += (f", {self.local_trouble} time(s) the trouble looked local and no host was "
+                     "blamed (see the log)")
         if self.placeholders_found:
             line += (f", {self.placeholders_found} repeated image(s) recognised as placeholders "
                      "(every copy dropped)")
@@ -206,12 +218,16 @@ def _fetch(selection: Selection, options: GatherOptions, journal: JsonLinesWrite
     queues and collector are freed before the summary indexes the longer journal."""
     collector = Collector(options, journal, JournalIndex.read(options.journal_path))
     pending = collector.recover_unjournaled(collector.pending(selection), selection.classes)
-    hosts = HostBook(effective_per_host(options), options.host_failures)
-    scheduler = Scheduler(((index, entry.klass, host_key(entry.url)) for index, entry in pending),
-                          selection.entry, collector.ok_counts, options.limit, hosts)
-    report.skipped = collector.skipped
-    if scheduler.total:
-        _Run(scheduler, options, collector, report).drive()
+    with NameService(options.dns_servers, options.dns_timeout) as names:
+        hosts = HostBook(effective_per_host(options), options.host_failures,
+                         options.host_down_after, names, options.resolve)
+        scheduler = Scheduler(((index, entry.klass, host_key(entry.url))
+                               for index, entry in pending),
+                              selection.entry, collector.ok_counts, options.limit, hosts)
+        report.skipped = collector.skipped
+        if scheduler.total:
+            _Run(scheduler, options, collector, report, names).drive()
+        report.lookups = names.lookups_made
     report.this_run = collector.this_run
     report.placeholders_found = collector.placeholders_found
 
@@ -220,8 +236,9 @@ class _Run:
     """The coordinator loop: hand out jobs, settle replies, journal, honour Ctrl-C."""
 
     def __init__(self, scheduler: Scheduler, options: GatherOptions, collector: Collector,
-                 report: GatherReport) -> None:
+                 report: GatherReport, names: NameService) -> None:
         self.options = options
+        self.names = names
         self.collector = collector
         self.report = report
         self.scheduler = scheduler
@@ -238,7 +255,9 @@ class _Run:
                     pass
             finally:
                 self._journal_unfinished(stop.signum)
-                self.report.hosts_down = self.hosts.down_count()
+                self.report.hosts_down = self.hosts.down_count("host_down")
+                self.report.hosts_not_found = self.hosts.down_count("host_not_found")
+                self.report.local_trouble = self.hosts.trouble.episodes
                 self.progress.close()
         self.report.interrupted_by = stop.signum
 
@@ -253,20 +272,29 @@ class _Run:
             return False
         due = self.scheduler.next_due(now)
         timeout = TICK_SECONDS if due is None else min(TICK_SECONDS, max(0.0, due - now))
-        for reply in pool.wait(timeout):
+        for reply in pool.wait(timeout, also=self.names.wakeup):
             self._settle(reply, stopping=stop.signum is not None)
+        self.names.collect()
         self._show_status()
         return True
 
     def _start_jobs(self, pool: WorkerPool, now: float) -> None:
-        while pool.has_room() and (job := self.scheduler.next(now)) is not None:
+        while (pool.has_room() and len(self.jobs) < self._concurrency()
+               and (job := self.scheduler.next(now)) is not None):
             self.next_id += 1
             self.jobs[self.next_id] = (job, now)
             job.read_timeout = self._read_timeout(job)
             pool.submit(Request(self.next_id, job.entry.url, job.host,
                                 str(target_stem(self.options.out, job.entry)),
-                                job.read_timeout))
+                                job.read_timeout, self.hosts.addresses(job.host)))
         pool.flush()
+
+    def _concurrency(self) -> int:
+        """--concurrency, or a fraction of it while the trouble looks local: fewer attempts
+        wasted while it lasts, and the retries of hosts that answered before go first."""
+        if not self.hosts.trouble.slow:
+            return self.options.concurrency
+        return max(TROUBLE_MIN, self.options.concurrency // TROUBLE_SHARE)
 
     def _read_timeout(self, job: Job) -> float | None:
         """The host's own read timeout, except for a URL that timed out in an earlier run: it
@@ -297,10 +325,13 @@ class _Run:
         job.last_error = attempt.error
         self.hosts.record(job.host, connection_failed=attempt.connection_failed,
                           started=started, now=time.monotonic(), error=attempt.error,
-                          cut_short=attempt.cut_short)
+                          cut_short=attempt.cut_short, ours=attempt.ours,
+                          timed_out=attempt.timed_out)
         again = not (attempt.cut_short and job.cut_short)  # cut twice: the next run's
         job.cut_short |= attempt.cut_short
-        if (attempt.retry and again and job.attempts <= self.options.retries and not stopping
+        blameless = attempt.connection_failed and self.hosts.trouble.slow
+        if ((attempt.retry or blameless) and again
+                and job.attempts <= self.options.retries and not stopping
                 and not self.hosts.is_down(job.host)):
             self._retry_later(job, attempt)
             return
@@ -325,8 +356,8 @@ class _Run:
 
     def _journal_dropped(self) -> None:
         for job in self.scheduler.take_dropped():
-            reason = self.hosts.state(job.host).down_because
-            self._journal(job, Attempt("host_down", final=False, error=reason))
+            state = self.hosts.state(job.host)
+            self._journal(job, Attempt(state.given_up_as, final=False, error=state.down_because))
 
     def _journal_unfinished(self, signum: int | None) -> None:
         """URLs still in flight when the run stops early: tried again by the next run."""

@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import time
 import zlib
 from collections import Counter
@@ -24,12 +25,14 @@ from multiprocessing.connection import Connection, wait
 
 import aiohttp
 
-from pipeline.gather.hosts import Resolver
 from pipeline.gather.http import Attempt, fetch_once
+from pipeline.gather.names import Resolver, name_of
 from pipeline.gather.options import GatherOptions
 from pipeline.gather.store import Staged, stage_body
 
 DECODE_THREADS = 2  # PIL releases the GIL while decoding: the loop keeps serving meanwhile
+LAG_TICK = 0.05  # seconds between the lag meter's wake-ups
+LAG_SHARE = 0.25  # a connect timeout is ours when the loop lagged this share of --timeout
 STOP_SECONDS = 5.0
 MAX_RESPAWNS_PER_WORKER = 3
 
@@ -41,6 +44,7 @@ class Request:
     host: str  # hosts.host_key(url)
     stem: str  # final path without extension (store.target_stem)
     read_timeout: float | None = None  # the host's own, when shorter than --timeout
+    addresses: tuple[str, ...] = ()  # what the host's name resolved to (empty: resolve here)
 
 
 @dataclass
@@ -65,7 +69,9 @@ def worker_main(conn: Connection, options: GatherOptions, per_host: int) -> None
 
 async def _serve(conn: Connection, options: GatherOptions, per_host: int) -> None:
     loop = asyncio.get_running_loop()
-    resolver = Resolver(options.resolve)
+    resolver = Resolver(options.resolve, options.dns_servers, options.dns_timeout)
+    lag = _LagMeter()
+    lag.start()
     # Idle keep-alive connections are reused before a new one is opened, so a host never
     # sees more than `per_host` connections from this process, idle ones included.
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=per_host, resolver=resolver,
@@ -79,7 +85,7 @@ async def _serve(conn: Connection, options: GatherOptions, per_host: int) -> Non
         async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                          headers={"User-Agent": options.user_agent}) as session:
             async def handle(request: Request) -> None:
-                outbox.put(await _fetch(session, resolver, pool, request, options))
+                outbox.put(await _fetch(session, resolver, pool, request, options, lag))
 
             def on_readable() -> None:
                 try:
@@ -109,14 +115,43 @@ async def _serve(conn: Connection, options: GatherOptions, per_host: int) -> Non
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+    lag.stop()
+
+
+class _LagMeter:
+    """How late this process's event loop has run, summed: a connect that timed out while
+    the loop was seconds behind (decoding, a burst of replies) timed out on our side."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._measure())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _measure(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(LAG_TICK)
+            self.total += max(0.0, time.monotonic() - before - LAG_TICK)
 
 
 async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: ThreadPoolExecutor,
-                 request: Request, options: GatherOptions) -> Reply:
+                 request: Request, options: GatherOptions, lag: _LagMeter) -> Reply:
     started = time.monotonic()
+    lagged = lag.total
+    resolver.pin(name_of(request.host), request.addresses)
     try:
         attempt = await fetch_once(session, request.url, options, resolver,
                                    request.read_timeout)
+        lagged = lag.total - lagged
+        if attempt.timed_out and lagged >= LAG_SHARE * options.timeout:
+            attempt.ours = f"our event loop ran {lagged:.1f} s late meanwhile"
+            attempt.retry = True
         staged = None
         if attempt.body is not None:
             staged = await asyncio.get_running_loop().run_in_executor(
@@ -201,9 +236,11 @@ class WorkerPool:
         for worker in self._workers:
             worker.flush()
 
-    def wait(self, timeout: float) -> list[Reply]:
+    def wait(self, timeout: float, also: socket.socket | None = None) -> list[Reply]:
+        """The replies that arrived within `timeout`; returns early when `also` (another
+        source of news: name lookups) becomes readable."""
         replies: list[Reply] = []
-        ready = wait([w.conn for w in self._workers], timeout)
+        ready = wait([w.conn for w in self._workers] + ([also] if also else []), timeout)
         for index, worker in enumerate(self._workers):
             if worker.conn not in ready:
                 continue
