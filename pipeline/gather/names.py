@@ -29,6 +29,7 @@ import contextlib
 import ipaddress
 import logging
 import queue
+import random
 import socket
 import threading
 import time
@@ -53,6 +54,7 @@ NOT_FOUND_CODES = frozenset({pycares.errno.ARES_ENOTFOUND, pycares.errno.ARES_EN
 DNS_CONCURRENCY = 256  # lookups in flight at most (c-ares keeps them on one socket)
 DNS_MIN_CONCURRENCY = 8  # what repeated timeouts slow the lookups down to
 TIMEOUT_TRIES = 2  # timeouts before a name is blamed (the second with a working resolver)
+SILENT_TRIES = 4  # silent timeouts before a name is blamed when no name ever resolved
 SILENT_PAUSE = 1.0  # seconds before a name that met a silent resolver is asked again
 SILENCE_LIMIT = 120.0  # seconds of a resolver answering nothing before the run stops
 
@@ -120,9 +122,10 @@ class Answer:
 class Lookups:
     """c-ares lookups with a hard deadline each, and the evidence needed to blame a timeout.
 
-    A timeout blames its name only if the resolver answered some lookup asked after it began
-    while it waited (the resolver worked, this name did not); `stalled` is how many timed out
-    without that evidence since the last answer.
+    A timeout blames its name only if the resolver was heard meanwhile: it answered a lookup
+    asked after this one began, or, when none was, it answers a canary (a random label under a
+    name that resolved earlier in the run: never cached, so the resolver itself must answer).
+    Otherwise the answer is `silent`: the resolver, not the name, may be at fault.
     """
 
     def __init__(self, servers: tuple[str, ...], timeout: float) -> None:
@@ -132,52 +135,60 @@ class Lookups:
         self._resolver = aiodns.DNSResolver(nameservers=list(servers) or None,
                                             timeout=timeout / 2, tries=4)
         self._latest_answered_start = float("-inf")
-        self.answered = 0
-        self.stalled = 0
+        self._known_good = ""
 
     async def lookup(self, name: str) -> Answer:
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.timeout):
-                addresses = await self._ask_until_answered(name)
+            addresses = await self._ask(name)
         except TimeoutError:
-            return self._timed_out(name, started)
+            return await self._timed_out(name, started)
         except aiodns.error.DNSError as exc:
             code = exc.args[0] if exc.args else None
-            if code not in NOT_FOUND_CODES:
-                return self._timed_out(name, started, exc.args[-1] if exc.args else str(exc))
+            if code not in NOT_FOUND_CODES:  # the resolver refused us, or is unreachable
+                return await self._timed_out(name, started, exc.args[-1] if exc.args else "")
             self._heard(started)
             return Answer(name, error=f"host not found: {exc.args[-1]}")
         self._heard(started)
         if not addresses:
             return Answer(name, error="host not found: the name has no address")
+        self._known_good = name
         return Answer(name, addresses)
 
-    async def _ask_until_answered(self, name: str) -> tuple[str, ...]:
-        while True:
-            try:
-                result = await self._resolver.getaddrinfo(name, socket.AF_UNSPEC,
-                                                          type=socket.SOCK_STREAM)
-            except aiodns.error.DNSError as exc:
-                if exc.args and exc.args[0] == pycares.errno.ARES_ETIMEOUT:
-                    continue  # c-ares gave up before our deadline: ask again
-                raise
-            found = (node.addr[0] for node in result.nodes)
-            return tuple(dict.fromkeys(a.decode() if isinstance(a, bytes) else a
-                                       for a in found))
+    async def _ask(self, name: str) -> tuple[str, ...]:
+        async with asyncio.timeout(self.timeout):
+            while True:
+                try:
+                    result = await self._resolver.getaddrinfo(name, socket.AF_UNSPEC,
+                                                              type=socket.SOCK_STREAM)
+                except aiodns.error.DNSError as exc:
+                    if exc.args and exc.args[0] == pycares.errno.ARES_ETIMEOUT:
+                        continue  # c-ares gave up before our deadline: ask again
+                    raise
+                found = (node.addr[0] for node in result.nodes)
+                return tuple(dict.fromkeys(a.decode() if isinstance(a, bytes) else a
+                                           for a in found))
 
     def _heard(self, started: float) -> None:
-        self.answered += 1
-        self.stalled = 0
         self._latest_answered_start = max(self._latest_answered_start, started)
 
-    def _timed_out(self, name: str, started: float, why: str = "") -> Answer:
-        blame = self._latest_answered_start >= started
-        if not blame:
-            self.stalled += 1
+    async def _timed_out(self, name: str, started: float, why: str = "") -> Answer:
+        heard = self._latest_answered_start >= started or await self._canary_answered()
         error = (f"no DNS answer within {self.timeout:g} s (--dns-timeout)"
                  + (f": {why}" if why else ""))
-        return Answer(name, error=error, silent=not blame)
+        return Answer(name, error=error, silent=not heard)
+
+    async def _canary_answered(self) -> bool:
+        if not self._known_good:
+            return False
+        canary = f"pipeline-canary-{random.getrandbits(48):012x}.{self._known_good}"
+        try:
+            await self._ask(canary)
+        except TimeoutError:
+            return False
+        except aiodns.error.DNSError as exc:
+            return bool(exc.args) and exc.args[0] in NOT_FOUND_CODES
+        return True
 
     async def close(self) -> None:
         await self._resolver.close()
@@ -196,6 +207,8 @@ class NameService:
         self._answers: dict[str, Answer] = {}
         self._asked: set[str] = set()
         self._timeouts: dict[str, int] = {}
+        self._silent_tries: dict[str, int] = {}
+        self._resolved_any = False
         self._done: queue.SimpleQueue[Answer] = queue.SimpleQueue()
         self.wakeup, self._waker = socket.socketpair()
         self.wakeup.setblocking(False)
@@ -243,6 +256,7 @@ class NameService:
                 continue
             self._asked.discard(answer.name)
             self._answers[answer.name] = answer
+            self._resolved_any |= bool(answer.addresses)
             final.append(answer)
 
     def _ask_again(self, answer: Answer) -> bool:
@@ -251,8 +265,10 @@ class NameService:
         if answer.addresses or not answer.error.startswith("no DNS answer"):
             return False
         if answer.silent:
-            self._submit(answer.name, SILENT_PAUSE)
-            return True
+            silent = self._silent_tries[answer.name] = self._silent_tries.get(answer.name, 0) + 1
+            if silent < SILENT_TRIES or self._resolved_any:
+                self._submit(answer.name, SILENT_PAUSE)
+                return True
         tries = self._timeouts[answer.name] = self._timeouts.get(answer.name, 0) + 1
         if tries >= TIMEOUT_TRIES:
             del self._timeouts[answer.name]
