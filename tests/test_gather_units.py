@@ -11,7 +11,7 @@ from yarl import URL
 
 from pipeline.errors import InputError
 from pipeline.gather.hosts import HostBook, host_key, is_public
-from pipeline.gather.names import Resolver, parse_resolve
+from pipeline.gather.names import Answer, Resolver, parse_resolve
 from pipeline.gather.http import _refused_redirect, opted_out, parse_retry_after
 from pipeline.gather.options import GatherOptions
 from pipeline.gather.schedule import Scheduler
@@ -278,7 +278,8 @@ def test_a_host_that_never_answered_gets_exactly_its_probe():
         scheduler.finished(job)
     assert scheduler.next(1.0) is None
     book.record("new", connection_failed=False, started=0.0, now=0.2)
-    assert sum(scheduler.next(1.5) is not None for _ in range(20)) == 13  # new: up to 16
+    scheduler.finished(probes[0])  # it answered: up to 16 at once, 2 still in flight
+    assert sum(scheduler.next(1.5) is not None for _ in range(20)) == 14
 
 
 def test_read_timeout_fits_the_host_after_a_few_answers():
@@ -337,3 +338,74 @@ def test_scheduler_holds_indices_and_reads_an_entry_back_only_when_it_is_handed_
     dropped = list(scheduler.take_dropped())
     assert [j.entry.id for j in dropped] == [f"a_h2_{k}" for k in range(taken, 50)]
     assert len(loaded) == before + len(dropped) and not list(scheduler.take_dropped())
+
+
+class CountingBook(HostBook):
+    """A host book that counts how often the scheduler asks whether a host may take a URL."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked = 0
+
+    def available(self, host: str, now: float) -> bool:
+        self.asked += 1
+        return super().available(host, now)
+
+
+def test_busy_hosts_are_parked_and_not_looked_at_until_one_of_their_urls_ends():
+    book = CountingBook(per_host=1, max_failures=5)
+    scheduler = scheduler_of(entries("a", [f"h{k}" for k in range(50)], 2), Counter(), None,
+                             book)
+    jobs = [scheduler.next(0.0) for _ in range(50)]
+    assert None not in jobs and scheduler.next(0.0) is None  # every host at its limit
+    book.asked = 0
+    assert all(scheduler.next(0.1) is None for _ in range(10))
+    assert book.asked == 0  # nothing walked past the 50 busy hosts
+    scheduler.finished(jobs[7])
+    job = scheduler.next(0.2)
+    assert job.host == jobs[7].host and book.asked == 1
+
+
+def test_a_paused_host_is_parked_until_its_pause_ends():
+    book = CountingBook(per_host=2, max_failures=5)
+    scheduler = scheduler_of(entries("a", ["slow"], 3), Counter(), None, book)
+    job = scheduler.next(0.0)
+    book.pause("slow", until=5.0)
+    scheduler.retry(job, at=0.5)
+    assert scheduler.next(1.0) is None
+    book.asked = 0
+    assert scheduler.next(2.0) is None and book.asked == 0
+    assert scheduler.next_due(2.0) == 5.0
+    assert scheduler.next(5.0).host == "slow"
+
+
+class Names:
+    """A resolver stand-in: answers given by the test."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, Answer] = {}
+        self.asked: list[str] = []
+
+    def request(self, name: str) -> None:
+        self.asked.append(name)
+
+    def answer(self, name: str) -> Answer | None:
+        return self.answers.get(name)
+
+
+def test_a_host_waits_parked_for_its_name_and_a_name_not_found_drops_its_urls():
+    names = Names()
+    book = HostBook(per_host=4, max_failures=3, names=names)
+    scheduler = scheduler_of(entries("a", ["gone.example", "www.ok.example:8080"], 3),
+                             Counter(), None, book)
+    assert scheduler.next(0.0) is None
+    assert sorted(names.asked) == ["gone.example", "www.ok.example"]
+    names.answers["gone.example"] = Answer("gone.example", error="host not found: NXDOMAIN")
+    names.answers["www.ok.example"] = Answer("www.ok.example", ("127.0.3.1",))
+    scheduler.names_answered(["gone.example", "www.ok.example"])
+    jobs = [scheduler.next(0.1) for _ in range(4)]
+    assert [j.host if j else None for j in jobs] == ["www.ok.example:8080"] * 3 + [None]
+    assert book.addresses("www.ok.example:8080") == ("127.0.3.1",)
+    dropped = list(scheduler.take_dropped())
+    assert len(dropped) == 3 and book.state("gone.example").given_up_as == "host_not_found"
+    assert len(names.asked) == 2  # each name asked once

@@ -168,6 +168,11 @@ class HostBook:
             state.addresses = answer.addresses
         return True
 
+    def ready_at(self, host: str) -> float:
+        """When a paused host (Retry-After, or its breaker open) may take a URL again."""
+        state = self.state(host)
+        return max(state.not_before, state.probe_at or 0.0)
+
     def addresses(self, host: str) -> tuple[str, ...]:
         """What the host's name resolved to (empty: the worker resolves it itself)."""
         return self.state(host).addresses or ()

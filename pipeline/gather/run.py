@@ -274,7 +274,7 @@ class _Run:
         timeout = TICK_SECONDS if due is None else min(TICK_SECONDS, max(0.0, due - now))
         for reply in pool.wait(timeout, also=self.names.wakeup):
             self._settle(reply, stopping=stop.signum is not None)
-        self.names.collect()
+        self.scheduler.names_answered(answer.name for answer in self.names.collect())
         self._show_status()
         return True
 

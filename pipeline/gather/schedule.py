@@ -11,6 +11,11 @@ while the free slots go to the others. A class with
 so `--limit N` yields exactly N images without over-fetching. URLs of a host that went down
 are handed back through `take_dropped` without being requested.
 
+A host that may not take a URL now (at its connection limit, paused, its name not looked up
+yet) is parked with its segments, out of the class heaps, until what it waits for happens:
+one of its URLs finishes, its pause ends, or its name's answer comes. So handing out a URL
+never walks past the busy hosts (the biggest hosts are busy most of a run and rank first).
+
 Waiting URLs are held compactly (a run may queue 1.4 million): one array of their indices in
 the selection, grouped by (class, host) into segments, 8 bytes per URL and a heap entry per
 segment; a URL becomes a `Job` (its entry read back from the selection) only when it is handed
@@ -30,9 +35,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.gather.hosts import HostBook
+from pipeline.gather.names import name_of
 from pipeline.urllist import UrlEntry
 
 _TOP = -sys.maxsize  # the rank a segment is pushed with when it (re)gains work: checked first
+_RECHECK = 0.2  # seconds: a parked host that nothing else will wake is looked at again then
 
 
 @dataclass
@@ -85,6 +92,9 @@ class Scheduler:
         self._delayed: list[tuple[float, int, Job]] = []
         self._sequence = itertools.count()
         self._front: dict[int, deque[Job]] = {}  # segment -> retries due, before the rest
+        self._parked: dict[str, list[tuple[_ClassQueue, int]]] = {}  # host -> its segments
+        self._parked_until: list[tuple[float, str]] = []  # (when, host) for paused hosts
+        self._awaiting_name: dict[str, set[str]] = {}  # name -> hosts parked until it resolves
         # Segments of hosts that went down, to be journaled: (segment, retries, start, end).
         self._dropped: deque[tuple[int, deque[Job], int, int]] = deque()
 
@@ -127,6 +137,8 @@ class Scheduler:
     def next(self, now: float) -> Job | None:
         """A job that may start now, or None (nothing queued, or all waiting on limits)."""
         self._release_due(now)
+        while self._parked_until and self._parked_until[0][0] <= now:
+            self._unpark(heapq.heappop(self._parked_until)[1])
         for _ in range(len(self._order)):
             klass = self._order[0]
             self._order.rotate(-1)
@@ -144,15 +156,25 @@ class Scheduler:
         """The job's attempt is over and it is done with (journaled)."""
         self._in_flight[job.entry.klass] -= 1
         self.hosts.state(job.host).in_flight -= 1
+        self._unpark(job.host)
 
     def retry(self, job: Job, at: float) -> None:
         """The attempt is over; try again at `at` (it keeps its place under the limit)."""
         self.hosts.state(job.host).in_flight -= 1
         heapq.heappush(self._delayed, (at, next(self._sequence), job))
+        self._unpark(job.host)
+
+    def names_answered(self, names: Iterable[str]) -> None:
+        """Hosts parked until their names resolved may be tried (or dropped) now."""
+        for name in names:
+            for host in self._awaiting_name.pop(name, ()):
+                self._unpark(host)
 
     def next_due(self, now: float) -> float | None:
         """When a waiting retry or a paused host may next let work start."""
         times = [self._delayed[0][0]] if self._delayed else []
+        if self._parked_until:
+            times.append(self._parked_until[0][0])
         pause_end = self.hosts.next_pause_end(now)
         if pause_end is not None:
             times.append(pause_end)
@@ -180,8 +202,6 @@ class Scheduler:
             heapq.heappush(queue.heap, (False, _TOP, job.host, job.segment))
 
     def _pick_host(self, queue: _ClassQueue, now: float) -> Job | None:
-        busy: list[tuple[bool, int, str, int]] = []  # hosts at their limit or paused, for later
-        job = None
         while queue.heap:
             entry = heapq.heappop(queue.heap)
             host, segment = entry[2], entry[3]
@@ -193,16 +213,34 @@ class Scheduler:
             elif self.hosts.is_down(host):
                 self._drop(queue, segment)
             elif not self.hosts.available(host, now):
-                busy.append(entry)
+                if self.hosts.is_down(host):  # its name was just found not to exist
+                    self._drop(queue, segment)
+                else:
+                    self._park(queue, segment, host, now)
             else:
                 job = self._take(segment)
                 queue.waiting -= 1
                 if self._left(segment):
                     heapq.heappush(queue.heap, self._rank(segment))
-                break
-        for entry in busy:
-            heapq.heappush(queue.heap, entry)
-        return job
+                return job
+        return None
+
+    def _park(self, queue: _ClassQueue, segment: int, host: str, now: float) -> None:
+        """Set the segment aside until its host may take a URL again (see the docstring)."""
+        parked = self._parked.get(host)
+        if parked is None:
+            parked = self._parked[host] = []
+            state = self.hosts.state(host)
+            if state.addresses is None:
+                self._awaiting_name.setdefault(name_of(host), set()).add(host)
+            elif state.in_flight == 0 or self.hosts.ready_at(host) > now:
+                heapq.heappush(self._parked_until,
+                               (max(self.hosts.ready_at(host), now + _RECHECK), host))
+        parked.append((queue, segment))
+
+    def _unpark(self, host: str) -> None:
+        for queue, segment in self._parked.pop(host, ()):
+            heapq.heappush(queue.heap, self._rank(segment))
 
     def _left(self, segment: int) -> int:
         front = self._front.get(segment)
