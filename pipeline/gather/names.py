@@ -51,8 +51,9 @@ NEVER_RESOLVED = (".invalid", ".invalid.")
 NOT_FOUND_CODES = frozenset({pycares.errno.ARES_ENOTFOUND, pycares.errno.ARES_ENODATA,
                              pycares.errno.ARES_ESERVFAIL, pycares.errno.ARES_EBADNAME,
                              pycares.errno.ARES_EFORMERR})
-DNS_CONCURRENCY = 256  # lookups in flight at most (c-ares keeps them on one socket)
-DNS_MIN_CONCURRENCY = 8  # what repeated timeouts slow the lookups down to
+DNS_CONCURRENCY = 256  # first lookups in flight at most (c-ares keeps them on one socket)
+DNS_MIN_CONCURRENCY = 8  # what a silent resolver slows the first lookups down to
+DNS_AGAIN_CONCURRENCY = 16  # names asked again after a timeout, in flight at most
 TIMEOUT_TRIES = 2  # timeouts before a name is blamed (the second with a working resolver)
 SILENT_TRIES = 4  # silent timeouts before a name is blamed when no name ever resolved
 SILENT_PAUSE = 1.0  # seconds before a name that met a silent resolver is asked again
@@ -308,11 +309,13 @@ class NameService:
 
     async def _serve(self) -> None:
         lookups = Lookups(self._servers, self._timeout)
-        limiter = _Limiter()
+        first, again = _Limiter(DNS_CONCURRENCY), _Limiter(DNS_AGAIN_CONCURRENCY)
         self._started.set()
         tasks: set[asyncio.Task[None]] = set()
         while (item := await self._queue.get()) is not None:
-            task = asyncio.create_task(self._lookup(lookups, limiter, *item))
+            name, delay = item
+            task = asyncio.create_task(
+                self._lookup(lookups, again if delay else first, first, name, delay))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         for task in tasks:
@@ -320,13 +323,15 @@ class NameService:
         await asyncio.gather(*tasks, return_exceptions=True)
         await lookups.close()
 
-    async def _lookup(self, lookups: Lookups, limiter: _Limiter, name: str,
+    async def _lookup(self, lookups: Lookups, limiter: _Limiter, first: _Limiter, name: str,
                       delay: float) -> None:
+        """A name asked again (after a timeout) waits its pause and goes in a narrow lane of
+        its own, so dead names asked twice never crowd out first lookups."""
         if delay:
             await asyncio.sleep(delay)
         async with limiter:
             answer = await lookups.lookup(name)
-        limiter.update(answer)
+        first.update(answer)
         self._done.put(answer)
         with contextlib.suppress(OSError):
             self._waker.send(b"\0")
@@ -341,11 +346,12 @@ class NameService:
 
 
 class _Limiter:
-    """Lookups in flight, halved when timeouts show the resolver cannot keep up (a home
-    router or a busy local resolver drops what it cannot answer), grown back by answers."""
+    """Lookups in flight; the first lookups' limit is halved when the resolver falls silent
+    (a home router or a busy local resolver drops what it cannot answer) and grown back by
+    answers. A timeout that blames its name (a dead name's servers) slows nothing."""
 
-    def __init__(self) -> None:
-        self.limit = DNS_CONCURRENCY
+    def __init__(self, limit: int) -> None:
+        self.limit = self.ceiling = limit
         self._in_flight = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
 
@@ -361,9 +367,9 @@ class _Limiter:
         self._wake()
 
     def update(self, answer: Answer) -> None:
-        if answer.error.startswith("no DNS answer"):
+        if answer.silent:
             self.limit = max(DNS_MIN_CONCURRENCY, self.limit // 2)
-        elif self.limit < DNS_CONCURRENCY:
+        elif self.limit < self.ceiling:
             self.limit += 1
         self._wake()
 
