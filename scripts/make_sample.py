@@ -416,10 +416,20 @@ def make_sample(out: Path, *, classes: int = 10, per_class: int = 300, seed: int
         _generate(out, stamp, wnids, workers or os.cpu_count() or 1)
     if base_url:
         expected = build_url_list(out, base_url, out / "urls.txt", wnids=wnids, seed=seed)
-        rows = [f"{image_id}\t{outcome}\n" for image_id, outcome in expected.items()]
-        (out / "expected.tsv").write_text("id\texpected_outcome\n" + "".join(rows),
-                                          encoding="utf-8")
+        write_expected(out / "expected.tsv", expected)
     return wnids
+
+
+def write_expected(path: Path, expected: dict[str, str]) -> None:
+    """`expected.tsv`: a header, then `<id>\t<outcome>` per URL."""
+    rows = [f"{image_id}\t{outcome}\n" for image_id, outcome in expected.items()]
+    path.write_text("id\texpected_outcome\n" + "".join(rows), encoding="utf-8")
+
+
+def read_expected(path: Path) -> dict[str, str]:
+    """What `write_expected` wrote."""
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    return dict(line.split("\t", 1) for line in lines)
 
 
 def _is_complete(out: Path, stamp: dict[str, int], wnids: list[str]) -> bool:

@@ -187,12 +187,16 @@ class Mirror:
 
     # -- bodies
 
-    def _file(self, request: web.Request) -> bytes:
-        """The requested file's bytes; `?v=k` makes them unique (for reused files)."""
-        wnid, name = request.match_info["wnid"], request.match_info["file"]
+    def file_bytes(self, wnid: str, name: str) -> bytes:
+        """A sample file's bytes, cached; HTTPNotFound for a missing or unsafe name (other
+        hosts of serve_web.py serve the sample under paths of their own)."""
         if not (_SAFE_NAME.match(wnid) and _SAFE_NAME.match(name)):
             raise web.HTTPNotFound(text=html_page("404 Not Found"), content_type="text/html")
-        data = self._cache.get(("file", wnid, name), lambda: self._read(wnid, name))
+        return self._cache.get(("file", wnid, name), lambda: self._read(wnid, name))
+
+    def _file(self, request: web.Request) -> bytes:
+        """The requested file's bytes; `?v=k` makes them unique (for reused files)."""
+        data = self.file_bytes(request.match_info["wnid"], request.match_info["file"])
         variant = request.query.get("v")
         return data if variant is None else jpeg_with_comment(data, f"uniq {variant}")
 
@@ -208,7 +212,8 @@ class Mirror:
         return web.Response(body=self._file(request) if data is None else data,
                             content_type=_content_type(request), headers=headers)
 
-    def _placeholder_bytes(self) -> bytes:
+    def placeholder_bytes(self) -> bytes:
+        """Flickr's "photo unavailable" picture (the sample's placeholder.png)."""
         return self._cache.get(("placeholder",), (self.root / "placeholder.png").read_bytes)
 
     # -- routes
@@ -291,7 +296,7 @@ class Mirror:
         raise web.HTTPFound(request.app.router["photo_unavailable"].url_for())
 
     async def _placeholder(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._placeholder_bytes(), content_type="image/png")
+        return web.Response(body=self.placeholder_bytes(), content_type="image/png")
 
     async def _noai(self, request: web.Request) -> web.Response:
         return self._image(request, headers={"X-Robots-Tag": "noai, noimageai"})

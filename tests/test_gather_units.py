@@ -11,8 +11,8 @@ from yarl import URL
 
 from pipeline.errors import InputError
 from pipeline.gather.hosts import HostBook, host_key, is_public
-from pipeline.gather.names import Answer, Resolver, parse_resolve
 from pipeline.gather.http import _refused_redirect, opted_out, parse_retry_after
+from pipeline.gather.names import Answer, Resolver, parse_resolve
 from pipeline.gather.options import GatherOptions
 from pipeline.gather.schedule import Scheduler
 from pipeline.urllist import UrlEntry

@@ -9,6 +9,7 @@ import hashlib
 import io
 import ipaddress
 import json
+import resource
 import socket
 import subprocess
 import sys
@@ -20,7 +21,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import AsyncResolver
+from dnslib import DNSRecord
 from PIL import Image
 
 import make_sample
@@ -360,3 +364,183 @@ def test_command_line_prints_one_json_line_and_stops_by_itself(sample):
     layout = serve_web.WebLayout.from_json(json.loads(first))
     assert layout.port > 0 and len(layout.hosts) == 3
     assert set(json.loads(last)["stats"]) == {h.name for h in layout.hosts}
+
+
+# --------------------------------------------------------------------------- the real world
+
+WORLD_URLS = 150  # all of OTHER_HOST_MIX's behaviours, from the 3 x 60 sample's pictures
+
+
+@pytest.fixture(scope="module")
+def world(sample):
+    built = serve_web.build_real_world(sample, WORLD_URLS, seed=0)
+    with serve_web.serve_world(built, max_seconds=300) as handle:
+        yield handle
+
+
+def world_urls(handle, outcome: str, behaviour: str) -> list[str]:
+    kinds = {h.name: h.behaviour for h in handle.world.hosts}
+    return [url.url(handle.port) for url in handle.world.urls
+            if url.outcome == outcome and kinds[url.host] == behaviour and not url.https]
+
+
+def dns_session(dns_address: str, timeout: float = 1.0) -> aiohttp.ClientSession:
+    """A client that looks names up only in the fake DNS (c-ares, one try)."""
+    resolver = AsyncResolver(nameservers=[dns_address], timeout=timeout, tries=1)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False),
+        timeout=aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout))
+
+
+async def chain(session: aiohttp.ClientSession, url: str) -> list[tuple[int, str, str, bytes]]:
+    """(status, Location or content type, URL, body) of every hop, redirects followed."""
+    hops = []
+    for _ in range(3):
+        async with session.get(url, allow_redirects=False) as response:
+            location = response.headers.get("Location", "")
+            hops.append((response.status, location or response.content_type, url,
+                         await response.read()))
+        if response.status != 302:
+            break
+        url = str(response.url.join(yarl.URL(location)))
+    return hops
+
+
+def fetch_chains(dns_address: str, urls: list[str]) -> list[list[tuple[int, str, str, bytes]]]:
+    """`chain` of each URL, one after the other, names looked up in the fake DNS."""
+    async def fetch() -> list[list[tuple[int, str, str, bytes]]]:
+        async with dns_session(dns_address) as session:
+            return [await chain(session, url) for url in urls]
+    return asyncio.run(fetch())
+
+
+async def outcome_of(session: aiohttp.ClientSession, url: str, digests: set[str]) -> str:
+    """What a correct client records for `url` (gather's outcome names)."""
+    try:
+        hops = await chain(session, url)
+    except aiohttp.ClientConnectorDNSError:  # NXDOMAIN, or dropped by the fake DNS
+        return "host_not_found"
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):  # refused, blackhole
+        return "unreachable"
+    except aiohttp.SocketTimeoutError:  # trickle
+        return "timeout"
+    if any("photo_unavailable" in hop[1] for hop in hops):
+        return "placeholder"
+    _, content_type, _, body = hops[-1]
+    if not content_type.startswith("image/"):
+        return "not_image"
+    return "placeholder" if hashlib.sha256(body).hexdigest() in digests else "ok"
+
+
+def test_world_urls_give_what_a_correct_client_records(world):
+    async def crawl() -> dict[str, str]:
+        digests = world.world.placeholder_digests()
+        async with dns_session(world.dns.address) as session:
+            found = await asyncio.gather(*(outcome_of(session, url.url(world.port), digests)
+                                           for url in world.world.urls))
+        return {url.id: outcome for url, outcome in zip(world.world.urls, found, strict=True)}
+
+    expected, found = world.world.expected(), asyncio.run(crawl())
+    assert [(i, found[i], outcome) for i, outcome in expected.items()
+            if found[i] != outcome] == []
+    assert set(Counter(expected.values())) == {"ok", "placeholder", "unreachable", "not_image",
+                                               "timeout", "host_not_found"}
+    for host in world.world.hosts:  # every name of the list was looked up in the fake DNS
+        if host.name != serve_web.PHOTO_UNAVAILABLE_HOST:
+            assert world.dns.queries(host.name) >= 1, host.name
+
+
+def test_a_gone_flickr_photo_redirects_to_a_placeholder_that_is_really_served(world, sample):
+    gone = world_urls(world, "placeholder", "flickr")[0]
+    kept = world_urls(world, "ok", "flickr")[0]
+    redirected, served = fetch_chains(world.dns.address, [gone, kept])
+    assert [hop[0] for hop in redirected] == [302, 200]
+    assert redirected[0][1] == (f"http://s.yimg.com:{world.port}"
+                                "/pw/images/en-us/photo_unavailable.png")
+    placeholder = (sample / "placeholder.png").read_bytes()
+    assert redirected[1][1:] == ("image/png", redirected[0][1], placeholder)
+    assert hashlib.sha256(placeholder).hexdigest() in world.world.placeholder_digests()
+    match = serve_web.FLICKR_PATH.fullmatch(urlsplit(kept).path)
+    picture = sample / "files" / f"n{match[1]}" / f"n{match[1]}_{match[2]}.jpg"
+    assert [hop[:2] for hop in served] == [(200, "image/jpeg")]
+    assert served[0][3] == picture.read_bytes()
+
+
+def test_redirecting_soft404_and_placeholder_hosts_stay_on_their_host(world):
+    soft404 = world_urls(world, "not_image", "soft404_redirect")[0]
+    placeholder = world_urls(world, "placeholder", "placeholder_redirect")[0]
+    page, picture = fetch_chains(world.dns.address, [soft404, placeholder])
+    assert [hop[:2] for hop in page] == [(302, serve_web.NOTFOUND_PATH), (200, "text/html")]
+    assert urlsplit(page[1][2]).hostname == urlsplit(soft404).hostname
+    assert b"not found" in page[1][3]
+    assert [hop[:2] for hop in picture] == [(302, serve_web.PLACEHOLDER_PATH),
+                                            (200, "image/jpeg")]
+    assert urlsplit(picture[1][2]).hostname == urlsplit(placeholder).hostname
+    assert hashlib.sha256(picture[1][3]).hexdigest() in world.world.placeholder_digests()
+
+
+def test_each_host_answers_after_its_own_latency(world):
+    """Requests on an open connection (no connect, no DNS): the time to the response head is
+    the host's latency, different per host."""
+    served = [h for h in world.world.hosts if h.behaviour in ("alive", "soft404", "flickr")]
+    slowest = max(served, key=lambda h: h.latency)
+    fastest = min(served, key=lambda h: h.latency)
+    assert slowest.latency - fastest.latency > 0.02
+    for host in (fastest, slowest):
+        with connect(host.address, world.port) as sock:
+            times = []
+            for _ in range(3):
+                start = time.monotonic()
+                send_get(sock, host.name, "/images/none.jpg")
+                head, _ = read_head(sock)
+                times.append(time.monotonic() - start)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(_) < length:
+                    _ += sock.recv(65536)
+        assert host.latency * 0.95 <= sorted(times)[1] < host.latency + 0.25, (host, times)
+
+
+def test_world_process_serves_its_web_and_dns_and_writes_its_files(sample, tmp_path):
+    built = serve_web.build_real_world(sample, WORLD_URLS, seed=0)
+    with serve_web.serve_world_process(sample, tmp_path, n_urls=WORLD_URLS,
+                                       max_seconds=60) as child:
+        assert child.expected() == built.expected()  # the same world, rebuilt in the child
+        assert child.summary == built.summary()
+        assert child.placeholder_digests() == built.placeholder_digests()
+        lines = child.urls.read_text().splitlines()
+        assert lines == [f"{url.id}\t{url.url(child.port)}" for url in built.urls]
+        host, port = child.dns.split(":")
+        farm = child.host("farm1.static.flickr.com")
+        reply = DNSRecord.parse(DNSRecord.question(farm.name).send(host, int(port), timeout=2))
+        assert [str(rr.rdata) for rr in reply.rr] == [farm.address]
+        kept = next(url for url in built.urls if url.outcome == "ok")
+        assert fetch_chains(child.dns, [kept.url(child.port)])[0][-1][0] == 200
+        child.stall_dns(1.0)
+        with pytest.raises(TimeoutError):
+            DNSRecord.question(farm.name).send(host, int(port), timeout=0.3)
+        assert child.dns_stats()["dropped"] == 1
+        assert child.stats()[urlsplit(kept.url(child.port)).hostname]["requests"] == 1
+    assert child.process.returncode == 0
+    assert child.final is not None and child.final["dns"]["queries"] >= 3
+
+
+def test_5500_hosts_start_within_seconds(picture_names, tmp_path):
+    """The full-size world: one bound socket per host (RLIMIT_NOFILE raised to its hard
+    limit) and its DNS, up in well under 20 s."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 8192:
+        pytest.skip("the hard limit on open files is below 8192")
+    start = time.monotonic()
+    with serve_web.serve_world_process(picture_names, tmp_path, n_urls=20_000,
+                                       max_seconds=60) as child:
+        elapsed = time.monotonic() - start
+        assert len(child.hosts) == 5_500 and elapsed < 20
+        last_alive = [h for h in child.hosts if h.behaviour == "alive"][-1]
+        with connect(last_alive.address, child.port):
+            pass
+        refusing = [h for h in child.hosts if h.behaviour == "refusing"][-1]
+        with pytest.raises(ConnectionRefusedError):
+            connect(refusing.address, child.port)
+        host, port = child.dns.split(":")
+        reply = DNSRecord.parse(DNSRecord.question(last_alive.name).send(host, int(port),
+                                                                         timeout=2))
+        assert [str(rr.rdata) for rr in reply.rr] == [last_alive.address]
