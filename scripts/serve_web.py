@@ -38,6 +38,8 @@ stops by itself after `max_seconds`. Behaviours (one per host):
   distinct per host (`placeholder_jpeg(name)`; `WebLayout.placeholder_digests()`).
 - `resizing_placeholder`: the same picture, but resized and re-encoded per path (one of
   RESIZED_VARIANTS, chosen by the path's hash), as image CDNs do: other bytes, the same image.
+  Such a CDN knows which ids it issued: a file name not shaped like one (CDN_PHOTO_ID, e.g.
+  `12_w480.jpg`) gets 404, so only the repetition across URLs gives its placeholder away.
 - `dns_dead`: no server and no address; named `hostN.invalid` (RFC 6761: never resolves) and
   left out of `resolve_args()`. Its URLs keep the name in IP-literal lists too. In the real
   world below it has a real-looking name that `fake_dns.py` answers as `congested`.
@@ -280,6 +282,11 @@ def placeholder_jpeg(name: str, scale: float = 1.0, quality: int = 85) -> bytes:
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality)
     return out.getvalue()
+
+
+# The file names a `resizing_placeholder` CDN takes for its photo ids (`12_w480.jpg`): it
+# answers a lost photo with its placeholder, a name it never issued with 404.
+CDN_PHOTO_ID = re.compile(r"\d+(_w\d+)?\.(jpg|jpeg|png)")
 
 
 def resized_placeholder(name: str, path: str) -> bytes:
@@ -632,6 +639,8 @@ class _Web:
         if behaviour in PLACEHOLDER_BEHAVIOURS:
             return web.Response(body=self._placeholders[host.name], content_type="image/jpeg")
         if behaviour == "resizing_placeholder":
+            if CDN_PHOTO_ID.fullmatch(path.rpartition("/")[2]) is None:
+                raise web.HTTPNotFound(text=html_page("404 Not Found"), content_type="text/html")
             return web.Response(body=resized_placeholder(host.name, path),
                                 content_type="image/jpeg")
         return web.Response(text=html_page("Sorry, that page was not found"),

@@ -55,7 +55,8 @@ def wnids_of(sample: Path) -> list[str]:
 def kept_files(out: Path) -> dict[str, str]:
     """relative path -> sha256 of every image file gathered."""
     return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in out.rglob("*") if p.is_file() and p.name != "gather.jsonl"}
+            for p in out.rglob("*")
+            if p.is_file() and p.name not in ("gather.jsonl", "placeholders.txt")}
 
 
 @pytest.mark.slow

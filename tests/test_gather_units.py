@@ -130,23 +130,31 @@ def test_failures_of_our_own_making_never_count():
 
 def test_many_sites_timing_out_while_nobody_answers_is_local_trouble():
     book = HostBook(per_host=4, max_failures=1, down_after=0.0)
-    book.record("alive.example", connection_failed=False, started=0.0, now=0.1)
+    book.record("www.alive.example", connection_failed=False, started=0.0, now=0.1)
     # Refusals are the hosts' own answers: they count, however many at once.
     for k in range(12):
         book.record(f"refusing{k}.example", connection_failed=True, started=10.0, now=10.1,
                     error="refused")
     assert not book.trouble.slow and book.state("refusing0.example").failures == 1
-    # Connect timeouts from ten unrelated sites within 5 s while none answers: ours.
+    # Connect timeouts from twelve never-answered sites while none answers: the end of a run
+    # where only dead hosts are left, not local trouble.
     for k in range(12):
-        book.record(f"www.site{k}.example", connection_failed=True, started=10.0,
+        book.record(f"www.dead{k}.example", connection_failed=True, started=10.0,
                     now=15.0 + k * 0.1, error="no connection", timed_out=True)
+    assert not book.trouble.slow
+    # With a site that had answered among them: ours.
+    book.record("www.alive.example", connection_failed=True, started=15.0, now=16.2,
+                timed_out=True)
+    for k in range(12):
+        book.record(f"www.site{k}.example", connection_failed=True, started=15.0,
+                    now=16.3 + k * 0.1, error="no connection", timed_out=True)
     assert book.trouble.slow and book.trouble.episodes == 1
     blamed = [k for k in range(12) if book.state(f"www.site{k}.example").failures]
-    assert len(blamed) == 9  # the ones before the tenth site; none after
+    assert len(blamed) == 0  # the window already held ten failing sites
     # An answer to an attempt begun after the trouble began ends it.
-    book.record("alive.example", connection_failed=False, started=15.0, now=16.0)
+    book.record("www.alive.example", connection_failed=False, started=15.0, now=18.0)
     assert book.trouble.slow
-    book.record("alive.example", connection_failed=False, started=17.0, now=17.1)
+    book.record("www.alive.example", connection_failed=False, started=18.5, now=18.6)
     assert not book.trouble.slow
 
 
@@ -165,10 +173,10 @@ def entries(klass: str, hosts: list[str], per_host: int) -> list[UrlEntry]:
 
 
 def scheduler_of(work: list[UrlEntry], ok: Counter, limit: int | None,
-                 book: HostBook) -> Scheduler:
+                 book: HostBook, probe_budget: int | None = None) -> Scheduler:
     """A scheduler over entries held in a list (a run reads them back from its selection)."""
     return Scheduler(((i, e.klass, host_key(e.url)) for i, e in enumerate(work)),
-                     work.__getitem__, ok, limit, book)
+                     work.__getitem__, ok, limit, book, probe_budget)
 
 
 def test_scheduler_alternates_classes_and_hosts_and_respects_the_per_host_limit():
@@ -186,6 +194,7 @@ def test_scheduler_alternates_classes_and_hosts_and_respects_the_per_host_limit(
 
 def test_scheduler_limit_is_exact_and_retries_keep_their_place():
     book = HostBook(per_host=10, max_failures=5)
+    book.record("h", connection_failed=False, started=0.0, now=0.0)  # answered: 10 at once
     ok: Counter = Counter()
     scheduler = scheduler_of(entries("a", ["h"], 10), ok, 3, book)
     jobs = [scheduler.next(0.0) for _ in range(3)]
@@ -267,19 +276,38 @@ def test_unanswered_hosts_first_then_the_host_with_the_most_urls_left():
     assert started == ["new", "new", "big", "big", "big", "small", "small"]
 
 
-def test_a_host_that_never_answered_gets_exactly_its_probe():
-    book = HostBook(per_host=16, max_failures=3)
+def test_a_host_that_never_answered_gets_two_attempts_at_once_until_its_breaker_opens():
+    book = HostBook(per_host=16, max_failures=3, down_after=10.0)
     work = entries("a", ["dead"], 10) + entries("a", ["new"], 20)
     scheduler = scheduler_of(work, Counter(), None, book)
-    probes = [scheduler.next(0.0) for _ in range(7)]
-    assert [j.host if j else None for j in probes] == ["new"] * 3 + ["dead"] * 3 + [None]
-    for job in probes[3:5]:  # two of dead's three probes fail: no new attempt replaces them
+    probes = [scheduler.next(0.0) for _ in range(5)]
+    assert [j.host if j else None for j in probes] == ["new"] * 2 + ["dead"] * 2 + [None]
+    for job in probes[2:4]:
         book.record("dead", connection_failed=True, started=0.0, now=1.0, error="refused")
         scheduler.finished(job)
-    assert scheduler.next(1.0) is None
+    third = scheduler.next(1.0)
+    assert third.host == "dead" and scheduler.next(1.0) is None  # one failure to go
+    book.record("dead", connection_failed=True, started=1.0, now=1.5, error="refused")
+    scheduler.finished(third)
+    assert scheduler.next(2.0) is None  # the breaker is open until its half-open probe
     book.record("new", connection_failed=False, started=0.0, now=0.2)
-    scheduler.finished(probes[0])  # it answered: up to 16 at once, 2 still in flight
-    assert sum(scheduler.next(1.5) is not None for _ in range(20)) == 14
+    scheduler.finished(probes[0])  # it answered: up to 16 at once, 1 still in flight
+    assert sum(scheduler.next(2.0) is not None for _ in range(20)) == 15
+    assert scheduler.next(11.0).host == "dead"  # the half-open probe, 10 s after
+
+
+def test_probes_of_unanswered_hosts_take_at_most_their_budget_of_slots():
+    book = HostBook(per_host=4, max_failures=5)
+    book.record("big", connection_failed=False, started=0.0, now=0.0)
+    work = entries("a", [f"small{k}" for k in range(6)], 1) + entries("a", ["big"], 20)
+    scheduler = scheduler_of(work, Counter(), None, book, probe_budget=2)
+    jobs = [scheduler.next(0.0) for _ in range(6)]
+    hosts = [job.host for job in jobs]
+    assert sum(h.startswith("small") for h in hosts) == 2 and hosts.count("big") == 4
+    assert scheduler.next(0.0) is None  # big at its limit, the probe budget spent
+    scheduler.finished(next(job for job in jobs if job.host.startswith("small")))
+    assert scheduler.next(0.1).host.startswith("small")  # a probe ended: the next one
+    assert scheduler.next(0.1) is None
 
 
 def test_read_timeout_fits_the_host_after_a_few_answers():
@@ -404,8 +432,18 @@ def test_a_host_waits_parked_for_its_name_and_a_name_not_found_drops_its_urls():
     names.answers["www.ok.example"] = Answer("www.ok.example", ("127.0.3.1",))
     scheduler.names_answered(["gone.example", "www.ok.example"])
     jobs = [scheduler.next(0.1) for _ in range(4)]
-    assert [j.host if j else None for j in jobs] == ["www.ok.example:8080"] * 3 + [None]
+    assert [j.host if j else None for j in jobs] == ["www.ok.example:8080"] * 2 + [None] * 2
     assert book.addresses("www.ok.example:8080") == ("127.0.3.1",)
     dropped = list(scheduler.take_dropped())
     assert len(dropped) == 3 and book.state("gone.example").given_up_as == "host_not_found"
     assert len(names.asked) == 2  # each name asked once
+
+
+def test_a_made_up_url_sits_beside_the_photo_and_names_no_real_file():
+    from pipeline.gather.http import made_up_url
+
+    first = made_up_url("http://img.example:8080/photos/n01/12_w480.JPG?size=2")
+    assert first.startswith("http://img.example:8080/photos/n01/pipeline-absent-")
+    assert first.endswith(".JPG") and "?" not in first
+    assert made_up_url("http://img.example/photo") .endswith(".jpg")
+    assert first != made_up_url("http://img.example:8080/photos/n01/12_w480.JPG?size=2")

@@ -157,7 +157,9 @@ def test_many_hostnames_per_host_limit_and_dead_hosts_cost_a_few_attempts(
         assert by_host[host.name] == {"ok": 8}
         assert after[host.name]["max_open"] <= per_host  # counted by the server
     assert max(after[h.name]["max_open"] for h in alive) == per_host  # the limit was reached
-    assert sum(after[h.name]["requests"] - before[h.name]["requests"] for h in alive) == 160
+    # 160 photos, and a made-up path per host and worker (what it answers for a lost photo).
+    requests = sum(after[h.name]["requests"] - before[h.name]["requests"] for h in alive)
+    assert 160 + len(alive) <= requests <= 160 + 2 * len(alive)
     for host in web.hosts:
         if host.behaviour == "alive":
             continue
@@ -227,8 +229,10 @@ def test_ctrl_c_journals_what_is_in_flight_prints_the_summary_and_resumes(
     assert "interrupted by SIGINT" in stdout and "Traceback" not in stderr
     assert f"{wnid}" in stdout and "total" in stdout  # the summary table
     records = read_journal(journal)
-    assert set(records) == {image_id for image_id, _ in lines}  # nothing left unjournaled
-    for k in range(100, 103):
+    # Every URL handed out is journaled; the trickling host, never having answered, had two
+    # in flight (its probe) and its third URL was not tried yet (the re-run does).
+    assert set(records) == {image_id for image_id, _ in lines} - {f"{wnid}_102"}
+    for k in range(100, 102):
         record = records[f"{wnid}_{k}"]
         assert record["outcome"] == "interrupted" and not record["final"]
 
@@ -342,8 +346,14 @@ def test_a_body_repeated_across_urls_and_synsets_is_a_placeholder_and_no_copy_st
         out = tmp_path / "raw"
         digest = web.placeholder_digests().pop()
         assert list(read_placeholders(out / "placeholders.txt")) == [digest]
-        assert [p.stem for p in (out / ".placeholders").iterdir()] == [digest]
         assert report.placeholders_found == 1
+        # It serves the picture for a made-up path too: known from its first image on, so
+        # no copy was ever kept.
+        errors = {read_journal(out / "gather.jsonl")[i]["error"] for i, url in lines
+                  if web.hosts[1].name in url}
+        assert errors == {f"the picture {web.hosts[1].name} serves for a path that does not "
+                          "exist (listed in placeholders.txt)"}
+        assert not (out / ".placeholders").exists()
 
         # A later run knows the digest: a new URL with those bytes is refused at once.
         lines.append((f"{wnids[0]}_999", f"{web.base_url(web.hosts[1])}/new.jpg"))
@@ -359,6 +369,7 @@ def test_a_placeholder_resized_per_url_is_found_though_no_two_bodies_match(sampl
     hosts = [make_host(1, "alive"), make_host(2, "resizing_placeholder")]
     wnids = sorted(p.name for p in (sample / "files").iterdir())[:2]
     with serve_web.serve_web(sample, hosts, max_seconds=120) as web:
+        # The CDN answers a made-up path with 404: only repetition gives its picture away.
         _, _, report, cdn_ids = gather_photos_and_generic(web, sample, tmp_path, wnids,
                                                           range(100, 108))
         out = tmp_path / "raw"

@@ -11,12 +11,12 @@ attempt per URL, and blames a host only for the host's own failures:
   together), one the worker marks as ours (its event loop lagged, or the error is local: no
   file descriptors, no local port, no route), and any failure while the trouble looks local
   (`LocalTrouble`: many unrelated sites failing at once while nobody answers).
-- Until it has answered once, a host gets `host_failures` attempts at once (its probe: one
-  round of timeouts, not several). After `host_failures` failures in a row the breaker opens:
-  the host's URLs wait, and `down_after` seconds after the first of those failures one URL is
-  tried again (half-open). Only if that one fails too is the host down for this run: its URLs
-  are journaled `host_down` without being requested, and tried again by the next run. A host
-  is thus given up only after failures spread over at least `down_after` seconds.
+- Until it has answered once, a host gets PROBE_AT_ONCE attempts at once (its probe). After
+  `host_failures` failures in a row the breaker opens: the host's URLs wait, and `down_after`
+  seconds after the first of those failures one URL is tried again (half-open). Only if that
+  one fails too is the host down for this run: its URLs are journaled `host_down` without
+  being requested, and tried again by the next run. A host is thus given up only after
+  failures spread over at least `down_after` seconds.
 
 A host that has answered a few times gets a read timeout fitted to it, as TCP fits its
 retransmission timeout: the smoothed answer time plus four deviations, at least
@@ -85,6 +85,7 @@ CUT_RETRY_LIMIT = 2 * ADAPTIVE_FLOOR  # the most a cut URL's retry doubles its t
 
 
 PROBE_AT_LEAST = 1.0  # seconds between the breaker opening and its half-open probe
+PROBE_AT_ONCE = 2  # attempts in flight to a host that has not answered yet
 TROUBLE_WINDOW = 5.0  # seconds within which many failing sites suggest the trouble is ours
 TROUBLE_SITES = 10  # sites failing to connect in the window while nobody answers
 TROUBLE_RELAPSED = 3  # sites that had answered before, failing to connect in the window
@@ -145,9 +146,18 @@ class HostBook:
             return False
         if state.probe_at is not None:  # open: one half-open probe, once it is due
             return now >= state.probe_at and state.in_flight == 0
-        limit = (self.per_host if state.answers
-                 else min(self.per_host, self.max_failures - state.failures))
-        return state.in_flight < limit
+        return state.in_flight < self._limit(state)
+
+    def room(self, host: str) -> int:
+        """How many more URLs of the host may be in flight (pauses aside)."""
+        state = self.state(host)
+        return max(0, (1 if state.probe_at is not None else self._limit(state))
+                   - state.in_flight)
+
+    def _limit(self, state: HostState) -> int:
+        if state.answers:
+            return self.per_host
+        return min(self.per_host, PROBE_AT_ONCE, self.max_failures - state.failures)
 
     def _resolved(self, host: str, state: HostState) -> bool:
         name = name_of(host)
@@ -220,7 +230,7 @@ class HostBook:
         state.failures = 0
         state.probe_at = None
         state.answered_at = now
-        self.trouble.answered(started)
+        self.trouble.answered(started, now)
         self._time_answer(state, now - started)
 
     def _count_failure(self, host: str, state: HostState, now: float, error: str) -> None:
@@ -273,10 +283,12 @@ class HostBook:
 
 
 class LocalTrouble:
-    """Many unrelated sites failing to connect within a few seconds while nobody answers, or
-    several that had answered before: the network, the resolver or our connection table is
-    the likelier culprit. While it lasts no failure counts against a host, the coordinator
-    slows down (`slow`), and an answer to an attempt begun after it started ends it."""
+    """Many unrelated sites failing to connect within a few seconds while nobody answers, one
+    that had answered before among them, or several that had answered before: the network,
+    the resolver or our connection table is the likelier culprit. (Without a site that had
+    answered, it is the end of a run where only dead hosts are left.) While it lasts no
+    failure counts against a host, the coordinator slows down (`slow`), and an answer to an
+    attempt begun after it started ends it."""
 
     def __init__(self) -> None:
         self._failures: deque[tuple[float, str, bool]] = deque()  # (time, site, answered)
@@ -288,8 +300,8 @@ class LocalTrouble:
     def slow(self) -> bool:
         return self.since is not None
 
-    def answered(self, started: float) -> None:
-        self._last_answer = max(self._last_answer, started)
+    def answered(self, started: float, now: float) -> None:
+        self._last_answer = max(self._last_answer, now)
         if self.since is not None and started >= self.since:
             log.warning("the trouble that looked local is over (a host answered): full speed")
             self.since = None
@@ -306,9 +318,10 @@ class LocalTrouble:
         if len(relapsed) >= TROUBLE_RELAPSED:
             self._begin(now, f"{len(relapsed)} sites that had answered failed to connect within "
                              f"{TROUBLE_WINDOW:g} s")
-        elif len(sites) >= TROUBLE_SITES and self._last_answer < now - TROUBLE_WINDOW:
-            self._begin(now, f"{len(sites)} sites failed to connect within {TROUBLE_WINDOW:g} s "
-                             "and none answered")
+        elif (len(sites) >= TROUBLE_SITES and relapsed
+              and self._last_answer < now - TROUBLE_WINDOW):
+            self._begin(now, f"{len(sites)} sites failed to connect within {TROUBLE_WINDOW:g} s, "
+                             "one that had answered among them, and none answered")
         return self.since is not None
 
     def local(self, why: str, now: float) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import email.utils
 import errno
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -245,6 +246,18 @@ async def _next_chunk(response: aiohttp.ClientResponse, size: int, started: floa
 def _not_image(response: aiohttp.ClientResponse) -> Attempt:
     return Attempt("not_image", final=True, http_status=response.status,
                    error=f"body is not an image ({response.content_type})")
+
+
+def made_up_url(url: str) -> str:
+    """A URL beside `url` that cannot name a real file (same scheme, host, folder and
+    extension; a random name): what a host answers for it is its answer for a missing photo.
+    A host that answers it with a picture serves that picture for every photo it lost."""
+    parsed = URL(url, encoded=True)
+    folder, _, name = parsed.raw_path.rpartition("/")
+    extension = name.rpartition(".")[2] if "." in name else "jpg"
+    token = secrets.token_hex(8)
+    return str(parsed.with_path(f"{folder}/pipeline-absent-{token}.{extension}", encoded=True)
+               .with_query(None))
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -28,7 +28,7 @@ class GatherOptions:
     """Defaults chosen for the real web, where 40-60% of an ImageNet list is dead."""
 
     out: Path = Path("data/raw")
-    concurrency: int = 256
+    concurrency: int = 512  # half of it at most for hosts that have not answered yet
     per_host: int = 16
     processes: int = 0  # 0: default_processes()
     timeout: float = 10.0  # connect, and each read

@@ -45,6 +45,7 @@ TICK_SECONDS = 0.2  # the coordinator wakes at least this often (signals, progre
 STATUS_EVERY = 1.0
 TROUBLE_SHARE = 8  # while the trouble looks local, 1/8 of --concurrency is in flight
 TROUBLE_MIN = 4
+PROBE_SHARE = 0.5  # of --concurrency, at most, for hosts that have not answered yet
 
 
 @dataclass
@@ -57,7 +58,7 @@ class GatherReport:
     hosts_not_found: int = 0
     lookups: int = 0  # DNS lookups made (a name is asked once, a timeout twice)
     local_trouble: int = 0  # episodes when many hosts failed at once and the trouble looked ours
-    placeholders_found: int = 0  # distinct repeated bodies recognised as placeholders
+    placeholders_found: int = 0  # placeholder pictures: repeated, or served for a made-up path
     by_hyponym: dict[tuple[str, str], Counter[str]] = field(
         default_factory=lambda: defaultdict(Counter))  # (class, hyponym) -> outcomes
     hyponym_conflicts: list[tuple[str, list[str], int, str]] = field(default_factory=list)
@@ -90,8 +91,8 @@ class GatherReport:
             line += (f", {self.local_trouble} time(s) the trouble looked local and no host was "
                      "blamed (see the log)")
         if self.placeholders_found:
-            line += (f", {self.placeholders_found} repeated image(s) recognised as placeholders "
-                     "(every copy dropped)")
+            line += (f", {self.placeholders_found} placeholder picture(s) recognised (repeated, "
+                     "or served for a made-up path; every copy dropped)")
         if self.interrupted_by:
             line += (f"; interrupted by {signal.Signals(self.interrupted_by).name}: "
                      "run the same command again to resume")
@@ -223,7 +224,8 @@ def _fetch(selection: Selection, options: GatherOptions, journal: JsonLinesWrite
                          options.host_down_after, names, options.resolve)
         scheduler = Scheduler(((index, entry.klass, host_key(entry.url))
                                for index, entry in pending),
-                              selection.entry, collector.ok_counts, options.limit, hosts)
+                              selection.entry, collector.ok_counts, options.limit, hosts,
+                              max(1, int(options.concurrency * PROBE_SHARE)))
         report.skipped = collector.skipped
         if scheduler.total:
             _Run(scheduler, options, collector, report, names).drive()
@@ -336,6 +338,8 @@ class _Run:
             self._retry_later(job, attempt)
             return
         self.scheduler.finished(job)
+        if reply.missing_picture is not None:
+            self.collector.missing_picture(job.entry.url, *reply.missing_picture)
         self._journal(job, attempt, reply)
 
     def _retry_later(self, job: Job, attempt: Attempt) -> None:

@@ -2,11 +2,11 @@
 
 Plain synchronous code driven by the coordinator's loop (no I/O, so it is unit-tested with a
 fake clock). URLs are handed out round-robin across classes and, within a class, first to
-hosts that have not answered yet (their probe, see hosts.HostBook: a dead host's one round of
-timeouts then runs at the start, beside the others' work, instead of at the end), then to the
-host with the most URLs left that may take one more (longest queue first): the biggest host
-(Flickr in the real list) decides when a run can end, so it is kept at its connection limit
-while the free slots go to the others. A class with
+hosts that have not answered yet (their probe, see hosts.HostBook: a dead host's timeouts
+then run at the start, beside the others' work, instead of at the end; at most half the slots
+go to such probes), then to the host with the most URLs left that may take one more (longest
+queue first): the biggest host (Flickr in the real list) decides when a run can end, so it is
+kept at its connection limit while the free slots go to the others. A class with
 `limit - ok` URLs in flight (or waiting to be retried) gets no new one until one of them fails,
 so `--limit N` yields exactly N images without over-fetching. URLs of a host that went down
 are handed back through `take_dropped` without being requested.
@@ -39,6 +39,7 @@ from pipeline.gather.names import name_of
 from pipeline.urllist import UrlEntry
 
 _TOP = -sys.maxsize  # the rank a segment is pushed with when it (re)gains work: checked first
+Rank = tuple[bool, bool, int, str, int]  # (answered, failed, -URLs left, host, segment)
 _RECHECK = 0.2  # seconds: a parked host that nothing else will wake is looked at again then
 
 
@@ -54,12 +55,14 @@ class Job:
     last_error: str = ""
     cut_short: bool = False  # an attempt was cut at its host's own read timeout
     read_timeout: float | None = None  # the last attempt's (None: the full --timeout)
+    probe: bool = False  # its attempt went to a host that had not answered yet
 
 
 @dataclass
 class _ClassQueue:
-    """A class's heap of segments (its hosts): not yet answered first, then by URLs left
-    (most first), then by host name; and how many URLs it has waiting in all.
+    """A class's heap of segments (its hosts): not yet answered first (those not failed yet
+    before those that failed: a dead host's next probes wait for the untried hosts), then by
+    URLs left (most first), then by host name; and how many URLs it has waiting in all.
 
     Heap entries are corrected lazily: an entry is pushed ranked at least as high as its
     segment really is (at the start, a retry coming back: at the very top), and one found stale
@@ -67,8 +70,7 @@ class _ClassQueue:
     best.
     """
 
-    heap: list[tuple[bool, int, str, int]] = field(default_factory=list)  # (answered, -left,
-    # host, segment)
+    heap: list[Rank] = field(default_factory=list)
     waiting: int = 0
 
     def __bool__(self) -> bool:
@@ -77,10 +79,13 @@ class _ClassQueue:
 
 class Scheduler:
     """`work` is (selection index, class, host) per waiting URL, in list order; `load` reads
-    an index's entry back."""
+    an index's entry back. At most `probe_budget` attempts at once go to hosts that have not
+    answered yet: a 2011 list has thousands of small dead hosts, whose probes (connect
+    timeouts, trickles) would otherwise hold every slot while the big live hosts wait."""
 
     def __init__(self, work: Iterable[tuple[int, str, str]], load: Callable[[int], UrlEntry],
-                 ok_counts: Counter[str], limit: int | None, hosts: HostBook) -> None:
+                 ok_counts: Counter[str], limit: int | None, hosts: HostBook,
+                 probe_budget: int | None = None) -> None:
         self._load = load
         self._classes: dict[str, _ClassQueue] = {}
         self._build(work)
@@ -92,9 +97,12 @@ class Scheduler:
         self._delayed: list[tuple[float, int, Job]] = []
         self._sequence = itertools.count()
         self._front: dict[int, deque[Job]] = {}  # segment -> retries due, before the rest
-        self._parked: dict[str, list[tuple[_ClassQueue, int]]] = {}  # host -> its segments
+        self._parked: dict[str, deque[tuple[_ClassQueue, int]]] = {}  # host -> its segments
         self._parked_until: list[tuple[float, str]] = []  # (when, host) for paused hosts
         self._awaiting_name: dict[str, set[str]] = {}  # name -> hosts parked until it resolves
+        self._probe_budget = probe_budget
+        self._probing = 0  # attempts in flight to hosts that had not answered
+        self._probe_wait: deque[tuple[_ClassQueue, int]] = deque()  # parked for the budget
         # Segments of hosts that went down, to be journaled: (segment, retries, start, end).
         self._dropped: deque[tuple[int, deque[Job], int, int]] = deque()
 
@@ -121,8 +129,10 @@ class Scheduler:
         key = key[order]
         del order
         starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
-        self._next = starts  # per segment, the position of its next URL in _indices
-        self._end = np.append(starts[1:], len(key))
+        # Per segment, the position of its next URL in _indices and its end: arrays of
+        # Python ints, read and written once per URL handed out (numpy scalars are slower).
+        self._next = array("q", starts.astype(np.int64).tobytes())
+        self._end = array("q", np.append(starts[1:], len(key)).astype(np.int64).tobytes())
         class_of, host_of = key[starts] >> 32, key[starts] & 0xFFFFFFFF
         del key
         names = list(host_ids)
@@ -130,7 +140,7 @@ class Scheduler:
         queues = [_ClassQueue() for _ in class_ids]
         for segment, klass in enumerate(class_of.tolist()):
             queue = queues[klass]
-            queue.heap.append((False, _TOP, self._host[segment], segment))
+            queue.heap.append((False, False, _TOP, self._host[segment], segment))
             queue.waiting += int(self._end[segment] - starts[segment])
         self._classes = dict(zip(class_ids, queues, strict=True))
 
@@ -139,6 +149,7 @@ class Scheduler:
         self._release_due(now)
         while self._parked_until and self._parked_until[0][0] <= now:
             self._unpark(heapq.heappop(self._parked_until)[1])
+        self._release_probes()
         for _ in range(len(self._order)):
             klass = self._order[0]
             self._order.rotate(-1)
@@ -147,22 +158,41 @@ class Scheduler:
                 job = self._pick_host(queue, now)
                 if job is not None:
                     self._in_flight[klass] += 1
-                    self.hosts.state(job.host).in_flight += 1
+                    state = self.hosts.state(job.host)
+                    state.in_flight += 1
                     job.attempts += 1
+                    job.probe = not state.answers
+                    self._probing += job.probe
                     return job
         return None
 
     def finished(self, job: Job) -> None:
         """The job's attempt is over and it is done with (journaled)."""
         self._in_flight[job.entry.klass] -= 1
-        self.hosts.state(job.host).in_flight -= 1
-        self._unpark(job.host)
+        self._attempt_over(job)
 
     def retry(self, job: Job, at: float) -> None:
         """The attempt is over; try again at `at` (it keeps its place under the limit)."""
-        self.hosts.state(job.host).in_flight -= 1
         heapq.heappush(self._delayed, (at, next(self._sequence), job))
-        self._unpark(job.host)
+        self._attempt_over(job)
+
+    def _release_probes(self) -> None:
+        """As many segments parked for the probe budget as it has room for go back to their
+        heaps (one that cannot start after all is parked by its host, or dropped)."""
+        if self._probe_budget is None:
+            return
+        for _ in range(min(len(self._probe_wait), self._probe_budget - self._probing)):
+            queue, segment = self._probe_wait.popleft()
+            heapq.heappush(queue.heap, self._rank(segment))
+
+    def _attempt_over(self, job: Job) -> None:
+        """A slot of the host is free: as many of its parked segments go back as it has room
+        for (a big host has a segment in every class: all of them would be parked again at
+        once), or all once nothing of it is in flight."""
+        state = self.hosts.state(job.host)
+        state.in_flight -= 1
+        self._unpark(job.host, self.hosts.room(job.host) if state.in_flight else None)
+        self._probing -= job.probe
 
     def names_answered(self, names: Iterable[str]) -> None:
         """Hosts parked until their names resolved may be tried (or dropped) now."""
@@ -199,12 +229,12 @@ class Scheduler:
             self._front.setdefault(job.segment, deque()).appendleft(job)
             queue = self._classes[job.entry.klass]
             queue.waiting += 1
-            heapq.heappush(queue.heap, (False, _TOP, job.host, job.segment))
+            heapq.heappush(queue.heap, (False, False, _TOP, job.host, job.segment))
 
     def _pick_host(self, queue: _ClassQueue, now: float) -> Job | None:
         while queue.heap:
             entry = heapq.heappop(queue.heap)
-            host, segment = entry[2], entry[3]
+            host, segment = entry[3], entry[4]
             if not self._left(segment):
                 continue  # a leftover entry of a segment that has run out
             rank = self._rank(segment)
@@ -212,6 +242,9 @@ class Scheduler:
                 heapq.heappush(queue.heap, rank)
             elif self.hosts.is_down(host):
                 self._drop(queue, segment)
+            elif (self._probe_budget is not None and self._probing >= self._probe_budget
+                  and not self.hosts.state(host).answers):
+                self._probe_wait.append((queue, segment))
             elif not self.hosts.available(host, now):
                 if self.hosts.is_down(host):  # its name was just found not to exist
                     self._drop(queue, segment)
@@ -229,7 +262,7 @@ class Scheduler:
         """Set the segment aside until its host may take a URL again (see the docstring)."""
         parked = self._parked.get(host)
         if parked is None:
-            parked = self._parked[host] = []
+            parked = self._parked[host] = deque()
             state = self.hosts.state(host)
             if state.addresses is None:
                 self._awaiting_name.setdefault(name_of(host), set()).add(host)
@@ -238,17 +271,27 @@ class Scheduler:
                                (max(self.hosts.ready_at(host), now + _RECHECK), host))
         parked.append((queue, segment))
 
-    def _unpark(self, host: str) -> None:
-        for queue, segment in self._parked.pop(host, ()):
+    def _unpark(self, host: str, count: int | None = None) -> None:
+        """Back to their heaps: all the host's parked segments, or the first `count` (the
+        rest wait at the front for the next slot, so the classes take turns)."""
+        parked = self._parked.get(host)
+        if parked is None:
+            return
+        if count is None or count >= len(parked):
+            del self._parked[host]
+            count = len(parked)
+        for _ in range(count):
+            queue, segment = parked.popleft()
             heapq.heappush(queue.heap, self._rank(segment))
 
     def _left(self, segment: int) -> int:
         front = self._front.get(segment)
-        return int(self._end[segment] - self._next[segment]) + (len(front) if front else 0)
+        return self._end[segment] - self._next[segment] + (len(front) if front else 0)
 
-    def _rank(self, segment: int) -> tuple[bool, int, str, int]:
+    def _rank(self, segment: int) -> Rank:
         host = self._host[segment]
-        return (self.hosts.state(host).answers > 0, -self._left(segment), host, segment)
+        state = self.hosts.state(host)
+        return (state.answers > 0, state.failures > 0, -self._left(segment), host, segment)
 
     def _take(self, segment: int) -> Job:
         """The segment's next job: a retry due first, else its next URL in list order."""
@@ -266,7 +309,7 @@ class Scheduler:
         """Set aside every waiting URL of a segment whose host went down, as a range: one
         `next` may drop hundreds of thousands (every class's share of the dead hosts)."""
         front = self._front.pop(segment, deque())
-        start, end = int(self._next[segment]), int(self._end[segment])
+        start, end = self._next[segment], self._end[segment]
         self._next[segment] = end
         queue.waiting -= len(front) + end - start
         self._dropped.append((segment, front, start, end))

@@ -161,6 +161,12 @@ def stage_body(body: bytes, stem: str, options: GatherOptions) -> Staged:
     return Staged("ok", "", len(body), digest, temp, path, phash)
 
 
+def inspect_body(body: bytes, min_size: int) -> tuple[str, str] | None:
+    """(sha256, fingerprint) of a usable image; None for anything else."""
+    problem, phash = inspect_image(body, min_size)
+    return None if problem is not None else (hashlib.sha256(body).hexdigest(), phash)
+
+
 def inspect_image(body: bytes, min_size: int) -> tuple[ImageDecodeError | None, str]:
     """(what is wrong, None when nothing; the perceptual hash) from one decode at reduced
     scale: enough to catch truncation, HTML and thumbnails, and to hash, fast."""
@@ -210,6 +216,7 @@ class Collector:
             marks, hashed, strict=True)]
         self.placeholders_found = 0
         self._placeholder_urls: dict[str, int] = {}  # digest -> URLs when found this run
+        self._soft_404s: set[str] = set()  # digests a host served for a made-up path
         for offset, record in index.last_records(options.journal_path, _COPIES):
             self._hold(record, offset)
             self.ok_counts[_class_of(record)] += record["outcome"] == "ok"
@@ -327,8 +334,26 @@ class Collector:
             if not self._makes_placeholder(digest, alike, entry.url):
                 return ""
             self._declare_placeholder(digest, staged, site, alike)
+        if digest in self._soft_404s:
+            return (f"the picture {site} serves for a path that does not exist (listed in "
+                    f"{listed})")
         return (f"repeated body: the same or a near-identical image came for "
                 f"{self._placeholder_urls.get(digest) or 'many'} URLs (listed in {listed})")
+
+    def missing_picture(self, url: str, digest: str, phash: str) -> None:
+        """A host served this picture for a path that cannot exist (`worker._MadeUpPaths`): it
+        is what the host serves for a lost photo. Remembered like a placeholder found by
+        count, and its kept copies from that site (same bytes, or near-identical) taken back."""
+        if digest in self.placeholders:
+            return
+        site = site_of(url)
+        self.placeholders_found += 1
+        self._soft_404s.add(digest)
+        self._remember(digest, phash, site)
+        mark = Fingerprint.from_hex(phash)
+        copies = self._copies_of(digest)
+        copies += self._near_copies_of(mark, site, {offset for offset, _ in copies})
+        self._take_back(self._with_family(copies, site))
 
     def _near_known_placeholder(self, mark: Fingerprint, site: str) -> bool:
         """Compared with the known placeholders from the same site: few enough to scan, with

@@ -25,10 +25,10 @@ from multiprocessing.connection import Connection, wait
 
 import aiohttp
 
-from pipeline.gather.http import Attempt, fetch_once
+from pipeline.gather.http import Attempt, fetch_once, made_up_url
 from pipeline.gather.names import Resolver, name_of
 from pipeline.gather.options import GatherOptions
-from pipeline.gather.store import Staged, stage_body
+from pipeline.gather.store import Staged, inspect_body, stage_body
 
 DECODE_THREADS = 2  # PIL releases the GIL while decoding: the loop keeps serving meanwhile
 LAG_TICK = 0.05  # seconds between the lag meter's wake-ups
@@ -54,6 +54,7 @@ class Reply:
     staged: Staged | None
     seconds: float
     crash: str = ""  # an error of ours (disk full...): the run must stop
+    missing_picture: tuple[str, str] | None = None  # (sha256, fingerprint): see _MadeUpPaths
 
 
 def worker_main(conn: Connection, options: GatherOptions, per_host: int) -> None:
@@ -70,6 +71,7 @@ def worker_main(conn: Connection, options: GatherOptions, per_host: int) -> None
 async def _serve(conn: Connection, options: GatherOptions, per_host: int) -> None:
     loop = asyncio.get_running_loop()
     resolver = Resolver(options.resolve, options.dns_servers, options.dns_timeout)
+    made_up = _MadeUpPaths()
     lag = _LagMeter()
     lag.start()
     # Idle keep-alive connections are reused before a new one is opened, so a host never
@@ -85,7 +87,8 @@ async def _serve(conn: Connection, options: GatherOptions, per_host: int) -> Non
         async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                          headers={"User-Agent": options.user_agent}) as session:
             async def handle(request: Request) -> None:
-                outbox.put(await _fetch(session, resolver, pool, request, options, lag))
+                outbox.put(await _fetch(session, resolver, pool, request, options, lag,
+                                        made_up))
 
             def on_readable() -> None:
                 try:
@@ -140,8 +143,41 @@ class _LagMeter:
             self.total += max(0.0, time.monotonic() - before - LAG_TICK)
 
 
+class _MadeUpPaths:
+    """Per host, the picture it serves for a path that cannot exist, asked once (per worker)
+    when the host first gives an image. Most dead sites in a 2011 list have one or two URLs,
+    so a picture they serve for every lost photo never repeats enough to be spotted as a
+    placeholder by count; asked for a made-up path, such a host shows it at once (a soft 404)
+    and the collector drops it, and anything near-identical from that site."""
+
+    def __init__(self) -> None:
+        self._answers: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
+
+    async def picture(self, session: aiohttp.ClientSession, resolver: Resolver,
+                      pool: ThreadPoolExecutor, request: Request,
+                      options: GatherOptions) -> tuple[str, str] | None:
+        """(sha256, fingerprint) of the host's picture for a made-up path, or None."""
+        answer = self._answers.get(request.host)
+        if answer is None:
+            answer = self._answers[request.host] = asyncio.ensure_future(
+                self._ask(session, resolver, pool, request, options))
+        return await asyncio.shield(answer)
+
+    @staticmethod
+    async def _ask(session: aiohttp.ClientSession, resolver: Resolver,
+                   pool: ThreadPoolExecutor, request: Request,
+                   options: GatherOptions) -> tuple[str, str] | None:
+        attempt = await fetch_once(session, made_up_url(request.url), options, resolver,
+                                   request.read_timeout)
+        if attempt.body is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, inspect_body, attempt.body, options.min_size)
+
+
 async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: ThreadPoolExecutor,
-                 request: Request, options: GatherOptions, lag: _LagMeter) -> Reply:
+                 request: Request, options: GatherOptions, lag: _LagMeter,
+                 made_up: _MadeUpPaths) -> Reply:
     started = time.monotonic()
     lagged = lag.total
     resolver.pin(name_of(request.host), request.addresses)
@@ -152,15 +188,20 @@ async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: Threa
         if attempt.timed_out and lagged >= LAG_SHARE * options.timeout:
             attempt.ours = f"our event loop ran {lagged:.1f} s late meanwhile"
             attempt.retry = True
-        staged = None
+        staged = missing = None
         if attempt.body is not None:
+            asked = (asyncio.ensure_future(made_up.picture(session, resolver, pool, request,
+                                                           options))
+                     if options.placeholder_after else None)
             staged = await asyncio.get_running_loop().run_in_executor(
                 pool, stage_body, attempt.body, request.stem, options)
             attempt.body = None
+            missing = await asked if asked is not None else None
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which stops the run
         return Reply(request.job_id, Attempt("interrupted", final=False), None, 0.0,
                      crash=f"{type(exc).__name__}: {exc}")
-    return Reply(request.job_id, attempt, staged, time.monotonic() - started)
+    return Reply(request.job_id, attempt, staged, time.monotonic() - started,
+                 missing_picture=missing)
 
 
 class _Outbox:
