@@ -100,7 +100,9 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option("--limit", type=click.IntRange(min=1),
               help="Stop at exactly this many good images per synset.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=GATHER.concurrency,
-              show_default=True, help="Downloads in flight at once (over all processes).")
+              show_default=True,
+              help="Downloads in flight at once (over all processes); at most half of them "
+                   "to hosts that have not answered yet.")
 @click.option("--per-host", type=click.IntRange(min=1), default=GATHER.per_host,
               show_default=True, help="Connections to any one host at once.")
 @click.option("--processes", type=click.IntRange(min=1), default=None,
@@ -157,7 +159,9 @@ def cli(verbose: bool, quiet: bool) -> None:
               help="The same image (same bytes, or a near-identical perceptual hash: resized "
                    "or re-encoded) from this many URLs (at least two different ones) is a "
                    "host's generic placeholder: every copy is dropped as placeholder and the "
-                   "body remembered in OUT/placeholders.txt (0: off).")
+                   "body remembered in OUT/placeholders.txt. A host that gives an image is "
+                   "also asked once for a made-up path: the picture it serves there is its "
+                   "placeholder (0: both off).")
 def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Path,
            words: Path | None, is_a: Path | None, with_hyponyms: bool, hyponym_conflicts: str,
            limit: int | None,
