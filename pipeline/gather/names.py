@@ -95,6 +95,8 @@ def parse_dns_server(value: str) -> str:
 
 
 def is_ip(host: str) -> bool:
+    if not host or not (host[0].isdigit() or host[0] == "[" or ":" in host):
+        return False  # a name: no address starts with a letter (cheap, asked per URL)
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
