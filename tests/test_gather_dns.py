@@ -288,3 +288,22 @@ def test_a_bad_dns_server_is_a_one_line_error(tmp_path):
             capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and "--dns-server" in result.stderr
+
+
+def test_the_lag_meter_sees_a_blocked_event_loop():
+    """A connect that times out while the worker's loop was this late is ours, not the host's
+    (worker._fetch marks it so): the meter must see the loop blocked."""
+    from pipeline.gather.worker import _LagMeter
+
+    async def main() -> tuple[float, float]:
+        meter = _LagMeter()
+        meter.start()
+        await asyncio.sleep(0.2)
+        quiet = meter.total
+        time.sleep(0.6)  # the loop blocked, as by a long decode on it
+        await asyncio.sleep(0.2)
+        meter.stop()
+        return quiet, meter.total
+
+    quiet, blocked = asyncio.run(main())
+    assert quiet < 0.1 and blocked - quiet >= 0.5
