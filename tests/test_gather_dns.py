@@ -226,16 +226,23 @@ def test_a_host_that_comes_back_before_its_half_open_probe_is_kept(sample, tmp_p
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     async def handle(request: aioweb.Request) -> aioweb.Response:
-        return aioweb.Response(
-            body=(sample / "files" / wnid / request.match_info["name"]).read_bytes(),
-            content_type="image/jpeg")
+        path = sample / "files" / wnid / request.match_info["name"]
+        if not path.is_file():
+            raise aioweb.HTTPNotFound()
+        return aioweb.Response(body=path.read_bytes(), content_type="image/jpeg")
 
     app = aioweb.Application()
     app.router.add_get("/{name}", handle)
     runner_box: dict[str, object] = {}
 
+    journal = tmp_path / "raw" / "gather.jsonl"
+
     def start_later() -> None:
-        time.sleep(1.0)
+        """Once two URLs were refused (the breaker opens), the host comes back."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+                not journal.exists() or journal.read_text().count('"unreachable"') < 2):
+            time.sleep(0.02)
         loop = asyncio.new_event_loop()
         runner = aioweb.AppRunner(app)
         loop.run_until_complete(runner.setup())
