@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -336,7 +337,7 @@ def hosts_scenario(args: argparse.Namespace, workdir: Path, sample: Path, wnid: 
 
 
 def hosts_about(args: argparse.Namespace, web_: WebLayout, urls: Path,
-                expected: dict[str, str], count: int, shard: int) -> str:
+                expected: dict[str, str], n_urls: int, shard: int) -> str:
     hosts = Counter(host.behaviour for host in web_.hosts)
     per_host: Counter[str] = Counter()
     for line in urls.read_text(encoding="utf-8").splitlines():
@@ -347,7 +348,7 @@ def hosts_about(args: argparse.Namespace, web_: WebLayout, urls: Path,
     biggest = ", ".join(f"{count}" for _, count in per_host.most_common(5))
     mix = ", ".join(f"{kind} {share:.0%}" for kind, share in MIX.items())
     return (
-        f"{count} URLs of one synset over {len(web_.hosts)} hosts of serve_web.py (own "
+        f"{n_urls} URLs of one synset over {len(web_.hosts)} hosts of serve_web.py (own "
         f"process, --latency {LATENCY:g}, trickle 1 byte / {TRICKLE_EVERY:g} s), Zipf-spread\n"
         "hosts: " + ", ".join(f"{b} {n}" for b, n in hosts.most_common()) + "\n"
         "URLs by host behaviour: "
@@ -1300,6 +1301,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # One run per workdir: a second one would delete the first one's outputs mid-run.
+    lock = open(workdir / ".lock", "w")  # noqa: SIM115 - held until the process ends
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"another bench_gather.py is using {workdir}; wait for it or give --workdir")
     quiet = Quiet(args.max_other_load, args.quiet_wait)
     names = SCENARIOS if args.scenario == "all" else (args.scenario,)
     print(header(args, workdir), flush=True)
