@@ -16,19 +16,11 @@ from pathlib import Path
 
 import click
 
-from pipeline import __version__, progress, runfolder
-from pipeline.archs import ARCHS
-from pipeline.errors import InputError
-from pipeline.finetune.options import (
-    CACHE_DTYPES,
-    DECODE_DEVICES,
-    PRECISIONS,
-    SCHEDULES,
-    FinetuneConfig,
-)
-from pipeline.gather.options import HYPONYM_CONFLICTS, GatherOptions
-from pipeline.parallel import default_workers
-from pipeline.stage_options import (
+from pipeline import __version__
+from pipeline.core import progress
+from pipeline.core.errors import InputError
+from pipeline.core.parallel import default_workers
+from pipeline.core.stage_options import (
     CROSS_CLASS,
     ENCODINGS,
     EVALUATE,
@@ -38,6 +30,16 @@ from pipeline.stage_options import (
     SIZE,
     VALIDATE,
 )
+from pipeline.formats import runfolder
+from pipeline.ml.archs import ARCHS
+from pipeline.stages.finetune.options import (
+    CACHE_DTYPES,
+    DECODE_DEVICES,
+    PRECISIONS,
+    SCHEDULES,
+    FinetuneConfig,
+)
+from pipeline.stages.gather.options import HYPONYM_CONFLICTS, GatherOptions
 
 log = logging.getLogger("pipeline")
 GATHER = GatherOptions()  # the defaults, written once
@@ -179,9 +181,9 @@ def gather(wnids: tuple[str, ...], wnids_file: Path | None, urls: Path, out: Pat
     in flight get a few seconds, the rest are journaled as interrupted, the summary is
     printed (exit 130; 143 for SIGTERM).
     """
-    from pipeline import gather as stage
-    from pipeline.gather.names import parse_dns_server, parse_resolve
-    from pipeline.urllist import read_wnids_file, read_words
+    from pipeline.formats.urllist import read_wnids_file, read_words
+    from pipeline.stages import gather as stage
+    from pipeline.stages.gather.names import parse_dns_server, parse_resolve
 
     requested = list(wnids) + (read_wnids_file(wnids_file) if wnids_file else [])
     options = GatherOptions(
@@ -223,7 +225,7 @@ def validate(root: Path, quarantine: Path | None, report: Path | None, min_size:
     relative path, with a JSON line giving the reason. Unchanged files already validated are
     skipped on re-runs.
     """
-    from pipeline import validate as stage
+    from pipeline.stages import validate as stage
 
     options = stage.ValidateOptions(
         quarantine=quarantine or root.parent / "rejected",
@@ -263,8 +265,8 @@ def label(root: Path, out: Path, val_ratio: float, seed: int, words: Path | None
     bytes, or near-identical perceptual hashes) always land on the same side; hashes are
     cached in ROOT/.label-hashes.json by size and mtime.
     """
-    from pipeline.label import label as run_label
-    from pipeline.urllist import read_words
+    from pipeline.formats.urllist import read_words
+    from pipeline.stages.label import label as run_label
 
     report = run_label(root, out, val_ratio=val_ratio, seed=seed,
                        words=read_words(words) if words else None,
@@ -282,7 +284,7 @@ def label(root: Path, out: Path, val_ratio: float, seed: int, words: Path | None
 @WORKERS_OPTION
 def mean(manifest: Path, size: int, out: Path, workers: int) -> None:
     """Compute the mean image of MANIFEST's images (after training's resize/crop)."""
-    from pipeline.mean import compute_mean
+    from pipeline.stages.mean import compute_mean
 
     click.echo(compute_mean(manifest, out, size=size, workers=workers).summary())
 
@@ -306,7 +308,7 @@ def mean(manifest: Path, size: int, out: Path, workers: int) -> None:
 def pack(manifest: Path, size: int, out: Path, encoding: str, quality: int,
          shard_size: int | None, workers: int) -> None:
     """Pre-decode MANIFEST's images into HDF5 (raw pixels or JPEG; one file or shards)."""
-    from pipeline.pack import pack as run_pack
+    from pipeline.stages.pack import pack as run_pack
 
     click.echo(run_pack(manifest, out, size=size, workers=workers, encoding=encoding,
                         quality=quality, shard_size=shard_size).summary())
@@ -317,8 +319,8 @@ def pack(manifest: Path, size: int, out: Path, encoding: str, quality: int,
 @click.option("--freeze-until", metavar="NAME", help="Mark the layers this would freeze.")
 def layers(arch: str, freeze_until: str | None) -> None:
     """Print an architecture's layers under their classic names (conv1 ... fc8)."""
-    from pipeline.models import describe_layers
-    from pipeline.tables import format_table
+    from pipeline.core.tables import format_table
+    from pipeline.ml.models import describe_layers
 
     click.echo(format_table(describe_layers(arch, freeze_until)))
 
@@ -412,7 +414,7 @@ def finetune(train_data: Path, val_data: Path | None, arch: str, weights: str,
     OUT/config.json and OUT/metrics.json. Works under `torchrun --nproc_per_node=N -m
     pipeline finetune ...` (DDP; gloo on CPU).
     """
-    from pipeline.finetune import finetune as run_finetune
+    from pipeline.stages.finetune import finetune as run_finetune
 
     config = FinetuneConfig(
         train=train_data, val=val_data, arch=arch, weights=weights,
@@ -445,7 +447,7 @@ def evaluate(checkpoint: Path, data: Path, out: Path | None, batch_size: int,
 
     DATA is a manifest or a packed .h5; preprocessing comes from the checkpoint.
     """
-    from pipeline.evaluate import evaluate_checkpoint
+    from pipeline.stages.evaluate import evaluate_checkpoint
 
     out = out or runfolder.eval_folder(checkpoint.parent, data)
     click.echo(evaluate_checkpoint(checkpoint, data, out, batch_size=batch_size,
@@ -465,8 +467,8 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, out: Path | 
     Files alone print a line each. A folder (every image under it), or --out, writes a CSV
     with progress; unreadable images are rows with an error there, not a failure.
     """
-    from pipeline.evaluate import predict as run_predict
-    from pipeline.evaluate import predict_to_csv
+    from pipeline.stages.evaluate import predict as run_predict
+    from pipeline.stages.evaluate import predict_to_csv
 
     if out is not None or any(path.is_dir() for path in images):
         click.echo(predict_to_csv(checkpoint, list(images), out or Path("predictions.csv"),
@@ -496,7 +498,7 @@ def report(run_dir: Path, compare: tuple[Path, ...], out: Path | None, title: st
 
     Self-contained (images embedded); each figure is also saved as a PNG beside it.
     """
-    from pipeline.report import build_report
+    from pipeline.stages.report import build_report
 
     page = build_report(run_dir, compare=list(compare), out=out, title=title,
                         mean_image=mean_image)
@@ -519,7 +521,7 @@ def export(checkpoint: Path, fmt: str, out: Path, size: int | None) -> None:
     The checkpoint's resize, centre crop and normalization run inside the model; the label
     map rides in the file (key pipeline.json: TorchScript extra file, ONNX metadata).
     """
-    from pipeline.export import export as run_export
+    from pipeline.stages.export import export as run_export
 
     result = run_export(checkpoint, fmt, out, size=size)
     shape = result.metadata["input"]

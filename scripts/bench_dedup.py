@@ -23,10 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.label import FINE_DISTANCE, hash_file  # noqa: E402
-from pipeline.parallel import imap  # noqa: E402
-from pipeline.perceptual import FINE_WORDS, HashTable, near_pairs  # noqa: E402
-from pipeline.stage_options import LABEL  # noqa: E402
+from pipeline.core.parallel import imap  # noqa: E402
+from pipeline.core.perceptual import FINE_WORDS, HashTable, near_pairs  # noqa: E402
+from pipeline.core.stage_options import LABEL  # noqa: E402
+from pipeline.stages.label import FINE_DISTANCE, hash_file  # noqa: E402
 
 import make_sample  # noqa: E402
 

@@ -1038,7 +1038,7 @@ FILTER_CHILD = """
 import json, sys, time
 from pathlib import Path
 started = time.perf_counter()
-from pipeline.urllist import select_urls
+from pipeline.formats.urllist import select_urls
 imported = time.perf_counter()
 selection = select_urls(Path(sys.argv[1]), {w: w for w in sys.argv[2:]})
 print(json.dumps({"lines": selection.lines, "selected": len(selection.entries),

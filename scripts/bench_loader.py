@@ -98,7 +98,7 @@ def source_images(workdir: Path, count: int) -> Path:
     if listing.exists() and len(listing.read_text().splitlines()) == count:
         return listing
     sys.path.insert(0, str(SCRIPT.parent))
-    from pipeline.preprocess import square_image
+    from pipeline.ml.preprocess import square_image
 
     import make_sample
 
@@ -270,8 +270,8 @@ def load_case(case: str, data: Path, epochs: int, batch_size: int, workers: int)
 
 
 def _our_loader(data: Path, batch_size: int, workers: int):
-    from pipeline.data import EpochSampler, make_loader, open_images
-    from pipeline.preprocess import InputSpec
+    from pipeline.ml.data import EpochSampler, make_loader, open_images
+    from pipeline.ml.preprocess import InputSpec
 
     images = open_images(data, InputSpec(CROP, SIZE), train=True)
     sampler = EpochSampler(len(images), shuffle=True)

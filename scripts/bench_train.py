@@ -38,13 +38,13 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
-from pipeline import runfolder
-from pipeline.data import EpochSampler, make_loader, open_images
-from pipeline.label import label
-from pipeline.models import freeze, frozen_layers, layer_table
-from pipeline.normalization import Normalization
-from pipeline.pack import pack
-from pipeline.preprocess import InputSpec
+from pipeline.formats import runfolder
+from pipeline.ml.data import EpochSampler, make_loader, open_images
+from pipeline.ml.models import freeze, frozen_layers, layer_table
+from pipeline.ml.normalization import Normalization
+from pipeline.ml.preprocess import InputSpec
+from pipeline.stages.label import label
+from pipeline.stages.pack import pack
 
 import benchlib
 import make_sample

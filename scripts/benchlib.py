@@ -287,7 +287,7 @@ def run_measured(argv: list[str], log: Path, *, cwd: Path | None = None,
 def format_table(rows: list[list[str]], left: int = 1) -> str:
     """Columns padded to their widest cell; the first `left` columns left-aligned, the rest right.
 
-    pipeline.tables.format_table is this with left=1; bench_prepare's table has two label
+    pipeline.core.tables.format_table is this with left=1; bench_prepare's table has two label
     columns (stage, impl).
     """
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import DecodedBatches, EpochSampler, make_loader, open_images
-from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.label import label
-from pipeline.pack import pack
-from pipeline.preprocess import InputSpec
+from pipeline.ml.data import DecodedBatches, EpochSampler, make_loader, open_images
+from pipeline.ml.preprocess import InputSpec
+from pipeline.stages.finetune import FinetuneConfig, finetune
+from pipeline.stages.label import label
+from pipeline.stages.pack import pack
 
 import make_sample
 

@@ -5,8 +5,8 @@ import collections
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
+from pipeline.formats import checkpoint
 
 
 class NotAWeight:

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.images import decode_image
-from pipeline.label import label
-from pipeline.manifest import read_conflicts, read_duplicates, read_manifest
-from pipeline.perceptual import HashTable, components, near_pairs
+from pipeline.core.images import decode_image
+from pipeline.core.perceptual import HashTable, components, near_pairs
+from pipeline.formats.manifest import read_conflicts, read_duplicates, read_manifest
+from pipeline.stages.label import label
 
 ORIGINALS = 12  # per class, copied into the dataset with their near-copies
 
@@ -109,7 +109,7 @@ def test_hashes_are_cached_by_size_and_mtime_and_bytes_only_turns_perceptual_off
 
 def test_different_sample_images_are_not_grouped(sample):
     """The false-positive check on every image of the sample: similar figures, one per file."""
-    from pipeline.perceptual import hash_image
+    from pipeline.core.perceptual import hash_image
 
     files = sorted((sample / "files").rglob("*.*"))
     table = HashTable(hash_image(path) for path in files)
@@ -143,7 +143,7 @@ def test_cli_label_options_and_a_bad_choice_is_one_line(dataset, tmp_path):
 
 
 def test_report_shows_the_data_quality_the_stages_wrote(dataset, tmp_path):
-    from pipeline.report import build_report
+    from pipeline.stages.report import build_report
 
     root, classes, _, stray = dataset
     label(root, tmp_path / "m", val_ratio=0.3)

@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluate import predict
-from pipeline.export import METADATA_KEY, export
-from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.label import label
-from pipeline.mean import compute_mean
-from pipeline.models import inference_from
-from pipeline.preprocess import InputSpec
+from pipeline.ml.models import inference_from
+from pipeline.ml.preprocess import InputSpec
+from pipeline.stages.evaluate import predict
+from pipeline.stages.export import METADATA_KEY, export
+from pipeline.stages.finetune import FinetuneConfig, finetune
+from pipeline.stages.label import label
+from pipeline.stages.mean import compute_mean
 
 from imagefiles import colour_dataset, write_image
 

@@ -12,20 +12,20 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.checkpoint import load as load_checkpoint
-from pipeline.data import EpochSampler, make_loader, open_images
-from pipeline.errors import InputError
-from pipeline.evaluate import evaluate_checkpoint
-from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.finetune import cache as cache_module
-from pipeline.finetune.cache import FeatureCache, features_to_input, split_model
-from pipeline.finetune.loop import train_one_epoch
-from pipeline.finetune.optim import make_optimizer
-from pipeline.label import label
-from pipeline.models import build_model, freeze, frozen_layers, layer_table, train_mode
-from pipeline.normalization import Normalization
-from pipeline.preprocess import InputSpec
-from pipeline.report import build_report
+from pipeline.core.errors import InputError
+from pipeline.formats.checkpoint import load as load_checkpoint
+from pipeline.ml.data import EpochSampler, make_loader, open_images
+from pipeline.ml.models import build_model, freeze, frozen_layers, layer_table, train_mode
+from pipeline.ml.normalization import Normalization
+from pipeline.ml.preprocess import InputSpec
+from pipeline.stages.evaluate import evaluate_checkpoint
+from pipeline.stages.finetune import FinetuneConfig, finetune
+from pipeline.stages.finetune import cache as cache_module
+from pipeline.stages.finetune.cache import FeatureCache, features_to_input, split_model
+from pipeline.stages.finetune.loop import train_one_epoch
+from pipeline.stages.finetune.optim import make_optimizer
+from pipeline.stages.label import label
+from pipeline.stages.report import build_report
 
 from imagefiles import colour_dataset
 

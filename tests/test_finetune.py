@@ -11,14 +11,14 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.checkpoint import load as load_checkpoint
-from pipeline.errors import InputError
-from pipeline.evaluate import evaluate_checkpoint, predict
-from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.label import label
-from pipeline.manifest import read_manifest
-from pipeline.models import build_model, imagenet_weights_file
-from pipeline.pack import pack
+from pipeline.core.errors import InputError
+from pipeline.formats.checkpoint import load as load_checkpoint
+from pipeline.formats.manifest import read_manifest
+from pipeline.ml.models import build_model, imagenet_weights_file
+from pipeline.stages.evaluate import evaluate_checkpoint, predict
+from pipeline.stages.finetune import FinetuneConfig, finetune
+from pipeline.stages.label import label
+from pipeline.stages.pack import pack
 
 from imagefiles import colour_dataset
 
@@ -214,9 +214,9 @@ def test_ddp_two_processes_run_an_epoch(dataset, tmp_path):
 
 
 def test_mean_file_normalizes_by_its_own_statistics_and_never_guesses(dataset, tmp_path):
-    from pipeline.mean import compute_mean
-    from pipeline.normalization import Normalization
-    from pipeline.preprocess import InputSpec
+    from pipeline.ml.normalization import Normalization
+    from pipeline.ml.preprocess import InputSpec
+    from pipeline.stages.mean import compute_mean
 
     compute_mean(dataset / "train.txt", tmp_path / "mean.npy", size=72, workers=1)
     spec = InputSpec(crop=64, resize=72)

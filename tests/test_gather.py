@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.gather import GatherOptions, gather_synsets
-from pipeline.images import decode_image
-from pipeline.journal import read_journal
-from pipeline.urllist import select_urls
+from pipeline.core.errors import InputError
+from pipeline.core.images import decode_image
+from pipeline.formats.journal import read_journal
+from pipeline.formats.urllist import select_urls
+from pipeline.stages.gather import GatherOptions, gather_synsets
 
 import make_sample
 from serve_sample import serve_in_process

@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline import journal as journal_module
-from pipeline.errors import InputError
-from pipeline.fsutil import JsonLinesWriter
-from pipeline.gather import digests
-from pipeline.gather.digests import DigestRows, NearRows, digest_key
-from pipeline.gather.options import GatherOptions
-from pipeline.gather.store import (
+from pipeline.core.errors import InputError
+from pipeline.core.fsutil import JsonLinesWriter
+from pipeline.formats import journal as journal_module
+from pipeline.formats.journal import JournalIndex, read_journal, read_placeholders, read_records
+from pipeline.formats.urllist import UrlEntry
+from pipeline.stages.gather import digests
+from pipeline.stages.gather.digests import DigestRows, NearRows, digest_key
+from pipeline.stages.gather.options import GatherOptions
+from pipeline.stages.gather.store import (
     FINGERPRINT_DIGITS,
     Collector,
     Fingerprint,
@@ -30,8 +32,6 @@ from pipeline.gather.store import (
     stage_body,
     target_stem,
 )
-from pipeline.journal import JournalIndex, read_journal, read_placeholders, read_records
-from pipeline.urllist import UrlEntry
 
 import serve_web
 from imagefiles import pattern, write_image

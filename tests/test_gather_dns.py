@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web as aioweb
 
-from pipeline.gather import GatherOptions, gather_synsets
-from pipeline.gather.http import fetch_once
-from pipeline.gather.names import NameService, Resolver, parse_dns_server
-from pipeline.journal import read_journal
+from pipeline.formats.journal import read_journal
+from pipeline.stages.gather import GatherOptions, gather_synsets
+from pipeline.stages.gather.http import fetch_once
+from pipeline.stages.gather.names import NameService, Resolver, parse_dns_server
 
 import serve_web
 from fake_dns import FakeDns
@@ -300,7 +300,7 @@ def test_a_bad_dns_server_is_a_one_line_error(tmp_path):
 def test_the_lag_meter_sees_a_blocked_event_loop():
     """A connect that times out while the worker's loop was this late is ours, not the host's
     (worker._fetch marks it so): the meter must see the loop blocked."""
-    from pipeline.gather.worker import _LagMeter
+    from pipeline.stages.gather.worker import _LagMeter
 
     async def main() -> tuple[float, float]:
         meter = _LagMeter()

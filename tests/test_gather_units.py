@@ -9,13 +9,13 @@ from collections import Counter
 import pytest
 from yarl import URL
 
-from pipeline.errors import InputError
-from pipeline.gather.hosts import HostBook, host_key, is_public
-from pipeline.gather.http import _refused_redirect, opted_out, parse_retry_after
-from pipeline.gather.names import Answer, Resolver, parse_resolve
-from pipeline.gather.options import GatherOptions
-from pipeline.gather.schedule import Scheduler
-from pipeline.urllist import UrlEntry
+from pipeline.core.errors import InputError
+from pipeline.formats.urllist import UrlEntry
+from pipeline.stages.gather.hosts import HostBook, host_key, is_public
+from pipeline.stages.gather.http import _refused_redirect, opted_out, parse_retry_after
+from pipeline.stages.gather.names import Answer, Resolver, parse_resolve
+from pipeline.stages.gather.options import GatherOptions
+from pipeline.stages.gather.schedule import Scheduler
 
 
 def test_retry_after_takes_seconds_and_http_dates():
@@ -440,7 +440,7 @@ def test_a_host_waits_parked_for_its_name_and_a_name_not_found_drops_its_urls():
 
 
 def test_a_made_up_url_sits_beside_the_photo_and_names_no_real_file():
-    from pipeline.gather.http import made_up_url
+    from pipeline.stages.gather.http import made_up_url
 
     first = made_up_url("http://img.example:8080/photos/n01/12_w480.JPG?size=2")
     assert first.startswith("http://img.example:8080/photos/n01/pipeline-absent-")

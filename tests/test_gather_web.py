@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from aiohttp import web as aioweb
 
-from pipeline.gather import GatherOptions, gather_synsets
-from pipeline.gather.names import parse_resolve
-from pipeline.journal import read_journal, read_placeholders
+from pipeline.formats.journal import read_journal, read_placeholders
+from pipeline.stages.gather import GatherOptions, gather_synsets
+from pipeline.stages.gather.names import parse_resolve
 
 import serve_web
 from serve_web import make_host

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from test_gather import kept_files, options
 
-from pipeline.errors import InputError
-from pipeline.gather import gather_synsets
-from pipeline.journal import read_journal
-from pipeline.urllist import read_hyponym_conflicts, read_is_a, read_words, resolve_hyponyms
+from pipeline.core.errors import InputError
+from pipeline.formats.journal import read_journal
+from pipeline.formats.urllist import read_hyponym_conflicts, read_is_a, read_words, resolve_hyponyms
+from pipeline.stages.gather import gather_synsets
 
 from serve_sample import serve_in_thread
 

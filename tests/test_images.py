@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, decode_image, sniff_extension
+from pipeline.core.images import ImageDecodeError, decode_image, sniff_extension
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -1,7 +1,7 @@
 import json
 
-from pipeline.fsutil import JsonLinesWriter
-from pipeline.journal import (
+from pipeline.core.fsutil import JsonLinesWriter
+from pipeline.formats.journal import (
     UNKNOWN,
     JournalIndex,
     final_codes,

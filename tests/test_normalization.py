@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import InputError
-from pipeline.normalization import Normalization
-from pipeline.preprocess import InputSpec
+from pipeline.core.errors import InputError
+from pipeline.ml.normalization import Normalization
+from pipeline.ml.preprocess import InputSpec
 
 SPEC = InputSpec(crop=8, resize=10)
 STD = [60.0, 61.0, 62.0]

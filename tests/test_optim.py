@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from pipeline.finetune.optim import param_groups
-from pipeline.finetune.options import FinetuneConfig
-from pipeline.models import Layer, build_model, freeze, frozen_layers, layer_table
+from pipeline.ml.models import Layer, build_model, freeze, frozen_layers, layer_table
+from pipeline.stages.finetune.optim import param_groups
+from pipeline.stages.finetune.options import FinetuneConfig
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """The Makefile's `?=` defaults are the Python defaults: a default is written once in Python
-(options dataclasses, pipeline/stage_options.py) and the Makefile must agree with it."""
+(options dataclasses, pipeline/core/stage_options.py) and the Makefile must agree with it."""
 
 import re
 from pathlib import Path
 
-from pipeline import runfolder
-from pipeline.finetune.options import FinetuneConfig
-from pipeline.stage_options import LABEL, SIZE
+from pipeline.core.stage_options import LABEL, SIZE
+from pipeline.formats import runfolder
+from pipeline.stages.finetune.options import FinetuneConfig
 
 MAKEFILE = Path(__file__).resolve().parent.parent / "Makefile"
 FINETUNE = FinetuneConfig(train=Path("."))
@@ -44,7 +44,7 @@ def test_finetune_resizes_to_the_packed_size():
 
 
 def test_makefile_uses_the_run_folder_layout():
-    """The Makefile cannot import pipeline/runfolder.py, so it must spell the same names."""
+    """The Makefile cannot import pipeline/formats/runfolder.py, so it must spell the same names."""
     text = MAKEFILE.read_text()
     run = Path("$(RUNDIR)")
     for path in (run / runfolder.CHECKPOINT, run / runfolder.BEST, run / runfolder.METRICS,

@@ -16,7 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import (
+from pipeline.core.errors import InputError
+from pipeline.formats.manifest import read_manifest
+from pipeline.formats.packfile import read_pack, shard_path
+from pipeline.ml.data import (
     DecodedBatches,
     EpochSampler,
     _ImageSource,
@@ -26,15 +29,12 @@ from pipeline.data import (
     open_images,
     sample_rng,
 )
-from pipeline.errors import InputError
-from pipeline.evaluate import evaluate_checkpoint
-from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.finetune.cache import _data_identity
-from pipeline.label import label
-from pipeline.manifest import read_manifest
-from pipeline.pack import pack
-from pipeline.packfile import read_pack, shard_path
-from pipeline.preprocess import InputSpec, load_square
+from pipeline.ml.preprocess import InputSpec, load_square
+from pipeline.stages.evaluate import evaluate_checkpoint
+from pipeline.stages.finetune import FinetuneConfig, finetune
+from pipeline.stages.finetune.cache import _data_identity
+from pipeline.stages.label import label
+from pipeline.stages.pack import pack
 
 SIZE = 72
 SPEC = InputSpec(crop=64, resize=SIZE)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.evaluate import predict
-from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.label import label
+from pipeline.stages.evaluate import predict
+from pipeline.stages.finetune import FinetuneConfig, finetune
+from pipeline.stages.label import label
 
 from imagefiles import colour_dataset, write_image
 

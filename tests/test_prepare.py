@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import InputError
-from pipeline.fsutil import atomic_link, atomic_write_bytes
-from pipeline.label import label
-from pipeline.manifest import read_labels, read_manifest, write_manifest
-from pipeline.mean import compute_mean
-from pipeline.pack import pack
-from pipeline.preprocess import load_square
-from pipeline.validate import ValidateOptions, validate
+from pipeline.core.errors import InputError
+from pipeline.core.fsutil import atomic_link, atomic_write_bytes
+from pipeline.formats.manifest import read_labels, read_manifest, write_manifest
+from pipeline.ml.preprocess import load_square
+from pipeline.stages.label import label
+from pipeline.stages.mean import compute_mean
+from pipeline.stages.pack import pack
+from pipeline.stages.validate import ValidateOptions, validate
 
 from imagefiles import encoded, make_dataset, pattern, write_image
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pipeline.urllist import parse_url_line
+from pipeline.formats.urllist import parse_url_line
 
 import make_sample
 import serve_web

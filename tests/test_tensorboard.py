@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.label import label
+from pipeline.stages.finetune import FinetuneConfig, finetune
+from pipeline.stages.label import label
 
 from imagefiles import colour_dataset
 

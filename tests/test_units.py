@@ -7,10 +7,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline.archs import ARCHS
-from pipeline.data import EpochSampler
-from pipeline.models import layer_names, layer_table
-from pipeline.preprocess import InputSpec
+from pipeline.ml.archs import ARCHS
+from pipeline.ml.data import EpochSampler
+from pipeline.ml.models import layer_names, layer_table
+from pipeline.ml.preprocess import InputSpec
 
 
 def test_epoch_sampler_is_a_function_of_seed_and_epoch():

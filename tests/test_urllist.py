@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.urllist import (
+from pipeline.core.errors import InputError
+from pipeline.formats.urllist import (
     MalformedLine,
     UrlEntry,
     UrlLine,

