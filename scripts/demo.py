@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import make_sample
-from serve_sample import serve_in_process
+from pipeline.testing import make_sample
+from pipeline.testing.serve_sample import serve_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR_PORT = 8765

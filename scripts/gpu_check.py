@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The Python half of scripts/gpu_check.sh: prove the CUDA path on a machine with an NVIDIA GPU.
 
-On the offline sample (scripts/make_sample.py), packed as JPEG at 256: the loader's images/s
+On the offline sample (pipeline.testing.make_sample), packed as JPEG at 256: the loader's images/s
 with JPEG decoding in the CPU workers vs in whole batches on the GPU (nvJPEG); one epoch of
 `pipeline finetune` for AlexNet (bf16, fp16) and VGG16 (bf16) from scratch with
 `--decode-device cuda`: training images/s and peak GPU memory. Ends with one summary line.
@@ -30,8 +30,7 @@ from pipeline.ml.preprocess import InputSpec
 from pipeline.stages.finetune import FinetuneConfig, finetune
 from pipeline.stages.label import label
 from pipeline.stages.pack import pack
-
-import make_sample
+from pipeline.testing import make_sample
 
 CASES = (("alexnet", "bf16"), ("alexnet", "fp16"), ("vgg16", "bf16"))
 

@@ -1,12 +1,8 @@
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import make_sample  # noqa: E402
+from pipeline.testing import make_sample  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import make_sample
-from serve_sample import serve_in_thread
+from pipeline.testing import make_sample
+from pipeline.testing.serve_sample import serve_in_thread
 
 pytestmark = pytest.mark.slow  # trains or runs the whole chain
 

@@ -1,4 +1,4 @@
-"""The fake DNS server (scripts/fake_dns.py) answers real DNS queries as its docstring says.
+"""The fake DNS server (pipeline.testing.fake_dns) answers real DNS queries as its docstring says.
 
 Real queries over UDP and TCP (dnslib's client, c-ares through aiohttp, glibc's resolver in a
 private mount namespace), every wait bounded; the congested rule's rates are checked on
@@ -21,8 +21,8 @@ import pytest
 from aiohttp.resolver import AsyncResolver
 from dnslib import QTYPE, RCODE, DNSRecord
 
-import fake_dns
-from fake_dns import FakeDns, Zone, drop_probability
+from pipeline.testing import fake_dns
+from pipeline.testing.fake_dns import FakeDns, Zone, drop_probability
 
 RECORDS = {"www.alive.example": "127.0.1.1", "img.other.example": "127.0.1.2",
            "gone.example": "nxdomain", "hung.example": "slow", "dead.example": "congested"}

@@ -1,4 +1,4 @@
-"""gather against a real aiohttp mirror with real faults (scripts/serve_sample.py)."""
+"""gather against a real aiohttp mirror with real faults (pipeline/testing/serve_sample.py)."""
 
 import hashlib
 import json
@@ -18,9 +18,8 @@ from pipeline.core.images import decode_image
 from pipeline.formats.journal import read_journal
 from pipeline.formats.urllist import select_urls
 from pipeline.stages.gather import GatherOptions, gather_synsets
-
-import make_sample
-from serve_sample import serve_in_process
+from pipeline.testing import make_sample
+from pipeline.testing.serve_sample import serve_in_process
 
 # Every fault kind twice per synset (1/30 of 60 URLs each), the rest plain images.
 EVERY_KIND = {kind: 2 / 60 for kind in make_sample.KINDS}

@@ -23,17 +23,16 @@ from pipeline.formats.urllist import UrlEntry
 from pipeline.stages.gather import digests
 from pipeline.stages.gather.digests import DigestRows, NearRows, digest_key
 from pipeline.stages.gather.options import GatherOptions
+from pipeline.stages.gather.placeholders import FINGERPRINT_DIGITS, Fingerprint
 from pipeline.stages.gather.store import (
-    FINGERPRINT_DIGITS,
     Collector,
-    Fingerprint,
     Staged,
     StemIndex,
     stage_body,
     target_stem,
 )
+from pipeline.testing import serve_web
 
-import serve_web
 from imagefiles import pattern, write_image
 
 
@@ -171,7 +170,7 @@ def test_duplicates_are_found_per_class_and_across_a_resume(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*.jpg")) == ["n1_1.jpg", "n1_2.jpg",
                                                               "n1_6.jpg", "n2_4.jpg"]
     assert collector.ok_counts == {"n1": 3, "n2": 1}
-    assert len(collector.copies) == 6
+    assert len(collector.kept.copies) == 6
 
 
 def test_a_placeholder_takes_back_every_copy_kept_before_it_even_from_an_earlier_run(tmp_path):
@@ -188,7 +187,7 @@ def test_a_placeholder_takes_back_every_copy_kept_before_it_even_from_an_earlier
     assert [p.stem for p in (tmp_path / ".placeholders").iterdir()] == [digest]
     assert (tmp_path / "placeholders.txt").read_text().split() == [digest]
     assert collector.ok_counts == {"n1": 1, "n2": 0}
-    assert collector.copies.offsets_of(digest) == []
+    assert collector.kept.copies.offsets_of(digest) == []
     lines = [json.loads(line) for line in options.journal_path.read_text().splitlines()]
     assert sum(r["outcome"] == "placeholder" for r in lines) == 4
 
@@ -212,7 +211,7 @@ def test_an_image_renamed_into_place_but_never_journaled_is_recovered(tmp_path):
     record = read_journal(options.journal_path)["n1_2"]
     assert (record["outcome"], record["error"], record["path"]) == ("ok", "found on disk",
                                                                     "n1/n1_2.jpg")
-    assert collector.copies.offsets_of(record["sha256"]) == [0]
+    assert collector.kept.copies.offsets_of(record["sha256"]) == [0]
 
 
 def stage(options: GatherOptions, item: UrlEntry, body: bytes) -> Staged:
@@ -255,10 +254,10 @@ def test_a_placeholder_resized_and_re_encoded_per_url_is_found_by_its_perceptual
     known = read_placeholders(options.placeholders_path, FINGERPRINT_DIGITS)
     assert set(known) == {hashlib.sha256(body).hexdigest() for body in generic[:3]}
     assert {entry.site for entry in known.values()} == {"cdn.example"}
-    assert collector.placeholders_found == 1 and collector.ok_counts == {"n1": 2, "n2": 0,
+    assert collector.placeholders.found == 1 and collector.ok_counts == {"n1": 2, "n2": 0,
                                                                          "n3": 0}
     first = known[hashlib.sha256(generic[0]).hexdigest()].fingerprint
-    assert len(collector.near.offsets_near(int(first[:16], 16))) == 0  # out of the index too
+    assert len(collector.kept.near.offsets_near(int(first[:16], 16))) == 0  # out of the index too
 
     # A later run rejects another size of that picture from that site at once (one URL is
     # enough); the same picture from another site is a photo until it repeats there.
@@ -294,7 +293,7 @@ def test_product_shots_alike_to_a_hash_are_no_placeholder_from_one_site_or_many(
              for n in range(4)]  # near-identical, but each from a site of its own
     collector = gather_bodies(options, shop + sites)
     outcomes = Counter(r["outcome"] for r in read_journal(options.journal_path).values())
-    assert outcomes == {"ok": 8} and collector.placeholders_found == 0
+    assert outcomes == {"ok": 8} and collector.placeholders.found == 0
 
 
 def test_a_kill_while_a_placeholder_was_taken_back_is_finished_by_the_next_run(tmp_path):
@@ -342,7 +341,7 @@ def test_different_photos_that_look_alike_are_never_taken_for_a_placeholder(samp
     collector = gather_bodies(options, bodies)
     outcomes = Counter(r["outcome"] for r in read_journal(options.journal_path).values())
     assert outcomes == {"ok": len(files)}, outcomes
-    assert collector.placeholders_found == 0 and len(collector.near) == len(files)
+    assert collector.placeholders.found == 0 and len(collector.kept.near) == len(files)
 
 
 def card(colours: tuple[tuple[int, int, int], tuple[int, int, int]], scale: float = 1.0
@@ -390,4 +389,4 @@ def test_a_journal_with_an_unreadable_fingerprint_still_resumes(tmp_path):
     collector = gather_bodies(options, [(entry(2, host="one.example"), photo(2))])
     outcomes = {i: r["outcome"] for i, r in read_journal(options.journal_path).items()}
     assert outcomes == {"n1_1": "ok", "n1_2": "ok"}
-    assert len(collector.near) == 1 and len(collector.copies) == 2
+    assert len(collector.kept.near) == 1 and len(collector.kept.copies) == 2

@@ -1,4 +1,4 @@
-"""gather's name resolution against a real DNS server on loopback (scripts/fake_dns.py): dead
+"""gather's name resolution against a real DNS server on loopback (pipeline.testing.fake_dns): dead
 names slow or fast, a resolver that stalls, lookups that never hold up a connect."""
 
 import asyncio
@@ -18,10 +18,9 @@ from pipeline.formats.journal import read_journal
 from pipeline.stages.gather import GatherOptions, gather_synsets
 from pipeline.stages.gather.http import fetch_once
 from pipeline.stages.gather.names import NameService, Resolver, parse_dns_server
-
-import serve_web
-from fake_dns import FakeDns
-from serve_web import make_host
+from pipeline.testing import serve_web
+from pipeline.testing.fake_dns import FakeDns
+from pipeline.testing.serve_web import make_host
 
 
 def wait_for(names: NameService, wanted: set[str], seconds: float) -> dict[str, object]:

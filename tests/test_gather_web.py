@@ -1,4 +1,4 @@
-"""gather against the real web's host-level faults (scripts/serve_web.py): stalling servers,
+"""gather against the real web's host-level faults (pipeline.testing.serve_web): stalling servers,
 dead and black-holed hosts, many hostnames via --resolve, Ctrl-C, byte-exact URLs."""
 
 import asyncio
@@ -23,9 +23,8 @@ from aiohttp import web as aioweb
 from pipeline.formats.journal import read_journal, read_placeholders
 from pipeline.stages.gather import GatherOptions, gather_synsets
 from pipeline.stages.gather.names import parse_resolve
-
-import serve_web
-from serve_web import make_host
+from pipeline.testing import serve_web
+from pipeline.testing.serve_web import make_host
 
 pytestmark = pytest.mark.slow  # real servers on loopback, deadlines of seconds
 

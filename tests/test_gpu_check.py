@@ -2,6 +2,7 @@
 runs every step at toy size on the CPU (the batched-decoding code on CPU tensors)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,15 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
 ENV = {**os.environ, "VENV": sys.prefix, "OMP_NUM_THREADS": "1"}
 
 
-def test_the_script_parses():
+def test_the_script_parses_and_its_python_half_takes_the_options_it_documents():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    usage = next(line for line in SCRIPT.read_text().splitlines() if "bash scripts/" in line)
+    documented = set(re.findall(r"--[a-z][a-z-]+", usage))
+    done = subprocess.run([sys.executable, str(SCRIPT.with_suffix(".py")), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert documented == {"--workdir", "--cpu-dry-run"}
+    assert documented <= set(re.findall(r"--[a-z][a-z-]+", done.stdout))
 
 
 @pytest.mark.slow  # ~10 s: the script starts a Python that imports torch

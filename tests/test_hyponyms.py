@@ -11,8 +11,7 @@ from pipeline.core.errors import InputError
 from pipeline.formats.journal import read_journal
 from pipeline.formats.urllist import read_hyponym_conflicts, read_is_a, read_words, resolve_hyponyms
 from pipeline.stages.gather import gather_synsets
-
-from serve_sample import serve_in_thread
+from pipeline.testing.serve_sample import serve_in_thread
 
 DATA = Path(__file__).parent / "data"
 IS_A = DATA / "wordnet_excerpt.is_a.txt"

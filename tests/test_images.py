@@ -66,8 +66,11 @@ def test_exif_orientation_is_applied():
     image = gradient((60, 30))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise on display
-    decoded = decode_image(encode(image, "JPEG", exif=exif.tobytes()))
-    assert decoded.size == (30, 60)
+    decoded = np.asarray(decode_image(encode(image, "JPEG", exif=exif.tobytes())), float)
+    assert decoded.shape == (60, 30, 3)
+    clockwise = np.asarray(image.transpose(Image.Transpose.ROTATE_270), float)
+    counter = np.asarray(image.transpose(Image.Transpose.ROTATE_90), float)
+    assert np.abs(decoded - clockwise).mean() < 4 < np.abs(decoded - counter).mean()
 
 
 def test_draft_decoding_keeps_requested_minimum_side():

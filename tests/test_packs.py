@@ -2,6 +2,8 @@
 pack that was killed midway. Real files throughout (the session's synthetic sample)."""
 
 import io
+import json
+import math
 import os
 import shutil
 import signal
@@ -210,7 +212,10 @@ def test_ddp_ranks_train_from_a_shard_set(packs, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "ddp" / "metrics.json").exists()
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    # Summed over the ranks: 2 ranks x 2 steps x 8 images (one rank alone would say 16).
+    assert metrics["train_images"] == 2 * 2 * 8
+    assert metrics["epochs"] == 1 and math.isfinite(metrics["train_loss"])
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The real world's builder (scripts/serve_web.py, `build_real_world`) follows the REAL WEB
+"""The real world's builder (pipeline/testing/serve_web.py, `build_real_world`) follows the REAL WEB
 table: its hosts, names, URL shares, latencies and pictures. Nothing is served here (see
 test_serve_web.py for that), so a 20,000-URL world is built in well under a second."""
 
@@ -11,10 +11,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from pipeline.formats.urllist import parse_url_line
-
-import make_sample
-import serve_web
-from serve_web import build_real_world, flickr_unavailable
+from pipeline.testing import make_sample, serve_web
+from pipeline.testing.serve_web import build_real_world, flickr_unavailable
 
 N_URLS = 20_000
 NAME = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)*\.(com|org|net|de|co\.uk|edu|jp)$")

@@ -1,4 +1,4 @@
-"""The simulated web (scripts/serve_web.py) really does what each host behaviour promises.
+"""The simulated web (pipeline/testing/serve_web.py) really does what each host behaviour promises.
 
 gather's host-level tests and benchmark rely on these behaviours, so each is checked with a
 raw socket or a plain aiohttp client, every wait bounded by a timeout.
@@ -13,7 +13,6 @@ import resource
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,9 +26,8 @@ from aiohttp.resolver import AsyncResolver
 from dnslib import DNSRecord
 from PIL import Image
 
-import make_sample
-import serve_web
-from serve_web import HostSpec, make_host, make_host_mix, serve_web_process
+from pipeline.testing import make_sample, serve_web
+from pipeline.testing.serve_web import HostSpec, make_host, make_host_mix, serve_web_process
 
 pytestmark = pytest.mark.slow  # real servers on loopback, timing-based behaviours
 
@@ -239,22 +237,6 @@ def test_soft404_and_placeholder_answer_every_path_with_200(web, sample):
             image.load()
             assert min(image.size) >= 100
     assert {hashlib.sha256(d).hexdigest() for d in (first, second)} == web.placeholder_digests()
-
-
-def test_dns_dead_name_does_not_resolve():
-    """`.invalid` never resolves (RFC 6761); bounded by a thread in case DNS is unreachable."""
-    outcome: list[object] = []
-
-    def lookup() -> None:
-        try:
-            outcome.append(socket.getaddrinfo("host8.invalid", 80))
-        except OSError as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=lookup, daemon=True)
-    thread.start()
-    thread.join(timeout=5)
-    assert not outcome or isinstance(outcome[0], OSError)
 
 
 def test_max_open_counts_concurrent_connections(web, sample):

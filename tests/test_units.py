@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -33,10 +34,19 @@ def test_epoch_sampler_pads_every_rank_to_the_same_length():
 
 def test_input_spec_crops_and_flips_reproducibly():
     spec = InputSpec(crop=32, resize=40)
-    image = Image.new("RGB", (80, 60), (10, 20, 30))
-    assert spec.eval_pixels(image).shape == (32, 32, 3)
-    first = spec.train_pixels(image, random.Random(1))
-    assert (first == spec.train_pixels(image, random.Random(1))).all()
+    # x in red, y in green: every window and every flip gives other pixels
+    pixels = np.zeros((60, 80, 3), np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, 80).astype(np.uint8)[None, :]
+    pixels[..., 1] = np.linspace(0, 255, 60).astype(np.uint8)[:, None]
+    image = Image.fromarray(pixels)
+    centre = spec.eval_pixels(image)
+    assert centre.shape == (32, 32, 3)
+    assert abs(centre[..., 0].mean() - 127.5) < 8 and abs(centre[..., 1].mean() - 127.5) < 8
+    crops = [spec.train_pixels(image, random.Random(seed)) for seed in range(20)]
+    assert (crops[1] == spec.train_pixels(image, random.Random(1))).all()
+    assert len({crop.tobytes() for crop in crops}) > 10  # the window moves
+    mirrored = [crop for crop in crops if crop[0, 0, 0] > crop[0, -1, 0]]
+    assert 0 < len(mirrored) < len(crops)  # some flipped, some not
     assert InputSpec(crop=32, resize=40, jitter=(40, 64)).decode_side == 64
 
 

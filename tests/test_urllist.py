@@ -19,8 +19,7 @@ from pipeline.formats.urllist import (
     safe_file_stem,
     select_urls,
 )
-
-import make_sample
+from pipeline.testing import make_sample
 
 QUIRKS = Path(__file__).parent / "data" / "urls_quirks.txt"
 

@@ -1,15 +1,18 @@
-"""The defaults of the stages that have no options module of their own, written once.
+"""The options of the stages that are one module each, written once (see core/options.py).
 
-Standard library only, so `cli.py` can hand them to click without importing numpy, PIL or
-h5py (every `--help` stays fast); the stage functions take their defaults from here too.
-gather and finetune keep theirs in `pipeline/stages/gather/options.py` and
-`pipeline/stages/finetune/options.py`. tests/test_options.py checks the Makefile's `?=` values
-against them.
+Here rather than in the stage modules so `cli.py` can build the commands without importing
+numpy, PIL or h5py (every `--help` stays fast); the stage functions take their defaults from
+here too. gather and finetune keep theirs in `stages/gather/options.py` and
+`stages/finetune/options.py`. tests/test_options.py checks the Makefile's `?=` values against
+them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.core.options import option
 
 SIZE = 256  # images are packed and averaged at SIZE x SIZE; finetune resizes to it
 EXPORT_FORMATS = ("torchscript", "onnx")  # `pipeline export --format`
@@ -19,28 +22,53 @@ JPEG_QUALITY = 90  # `pipeline pack --quality`
 
 
 @dataclass(frozen=True)
-class ValidateDefaults:
-    min_size: int = 32  # shorter side in pixels, as gather's --min-size
-    seconds_per_file: float = 30.0
+class ValidateOptions:
+    quarantine: Path | None = option(None, type=Path, path="dir", help=(
+        "Where unreadable files are moved.  [default: ROOT/../rejected]"))
+    report: Path | None = option(None, type=Path, path="file", help=(
+        "JSON Lines log of every quarantined file.  [default: ROOT/../validate.jsonl]"))
+    min_size: int = option(32, min=0, help=(  # shorter side in pixels, as gather's --min-size
+        "Images whose shorter side is smaller are quarantined as too_small."))
+    seconds_per_file: float = option(30.0, min=0.1, help=(
+        "A file that takes longer to decode is quarantined."))
+    workers: int = 1  # the command line's --workers: all cores
+
+    def quarantine_of(self, root: Path) -> Path:
+        return self.quarantine or root.parent / "rejected"
+
+    def report_of(self, root: Path) -> Path:
+        return self.report or root.parent / "validate.jsonl"
 
 
 @dataclass(frozen=True)
-class LabelDefaults:
-    val_ratio: float = 0.1
-    seed: int = 0
+class LabelOptions:
+    val_ratio: float = option(0.1, min=0.0, max=1.0, max_open=True, help=(
+        "Share of each class held out for validation."))
+    seed: int = option(0, help="Seed of the split.")
     # Bits of the 64-bit perceptual hash two copies may differ by (0: byte-identical only);
     # pipeline/core/perceptual.py says what 10 matches and what it does not.
-    near_distance: int = 10
-    cross_class: str = "drop"  # an image in two classes carries two labels: drop by default
+    near_distance: int = option(10, min=0, max=15, help=(
+        "Images whose 64-bit perceptual hashes differ in at most this many bits (and agree on "
+        "a finer hash) are copies: re-encoded, rescaled, slightly cropped or bordered (0: "
+        "byte-identical files only)."))
+    cross_class: str = option("drop", choices=CROSS_CLASS, help=(
+        "Copies found in several classes: drop them all, keep those of the first class (in "
+        "label order), or keep every copy (on one side of the split). Listed in "
+        "OUT/conflicts.txt either way; nothing is deleted."))
 
 
 @dataclass(frozen=True)
-class EvaluateDefaults:
-    batch_size: int = 64
-    workers: int = 2
-    top_k: int = 5
+class EvaluateOptions:
+    batch_size: int = option(64, min=1, help="Images per batch.")
+    workers: int = option(2, min=0, help="Loader processes.")
 
 
-VALIDATE = ValidateDefaults()
-LABEL = LabelDefaults()
-EVALUATE = EvaluateDefaults()
+@dataclass(frozen=True)
+class PredictOptions:
+    top_k: int = option(5, min=1, help="Classes listed per image.")
+
+
+VALIDATE = ValidateOptions()
+LABEL = LabelOptions()
+EVALUATE = EvaluateOptions()
+PREDICT = PredictOptions()

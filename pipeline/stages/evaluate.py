@@ -21,7 +21,7 @@ from pipeline.core.errors import InputError
 from pipeline.core.fsutil import atomic_open, atomic_write_text
 from pipeline.core.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image, is_image_path
 from pipeline.core.progress import Progress
-from pipeline.core.stage_options import EVALUATE
+from pipeline.core.stage_options import EVALUATE, PREDICT
 from pipeline.formats import runfolder
 from pipeline.formats.manifest import ClassRecord, display_name
 from pipeline.ml.data import open_images
@@ -196,7 +196,7 @@ class Prediction:
 
 
 def predict(checkpoint_path: Path, images: list[Path],
-            top_k: int = EVALUATE.top_k) -> list[Prediction]:
+            top_k: int = PREDICT.top_k) -> list[Prediction]:
     inference = inference_from(checkpoint_path, default_device())
     return list(_predictions(inference, images, top_k))
 
@@ -233,7 +233,7 @@ class PredictionsFile:
 
 
 def predict_to_csv(checkpoint_path: Path, inputs: list[Path], out: Path,
-                   top_k: int = EVALUATE.top_k) -> PredictionsFile:
+                   top_k: int = PREDICT.top_k) -> PredictionsFile:
     """Batch mode: files and folders (every image under them) into one CSV, with progress.
 
     An unreadable image is a row with its error, not a failure: in a folder of thousands a few

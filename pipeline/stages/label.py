@@ -173,7 +173,7 @@ def _hash_all(root: Path, images: _Images, workers: int, report: LabelReport) ->
 
 def hash_file(path: Path) -> tuple[str, list[View] | None]:
     """SHA-256 and perceptual views of a file (None: undecodable), read once; runs in a
-    worker, and scripts/bench_dedup.py times it."""
+    worker, and scripts/bench/dedup.py times it."""
     data = path.read_bytes()
     try:
         views = hash_image(data)

@@ -22,21 +22,12 @@ from pipeline.core.fsutil import JsonLinesWriter, atomic_write_text
 from pipeline.core.images import ImageDecodeError, decode_image
 from pipeline.core.parallel import imap
 from pipeline.core.progress import Progress
-from pipeline.core.stage_options import VALIDATE
+from pipeline.core.stage_options import ValidateOptions
 from pipeline.core.tables import format_table
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = ".validated.json"
-
-
-@dataclass(frozen=True)
-class ValidateOptions:
-    quarantine: Path
-    report: Path
-    min_size: int = VALIDATE.min_size
-    workers: int = 1
-    seconds_per_file: float = VALIDATE.seconds_per_file
 
 
 @dataclass
@@ -85,7 +76,7 @@ def validate(root: Path, options: ValidateOptions) -> ValidateReport:
     good = {rel: sig for rel, sig in known.items() if rel in present}
     progress = Progress("validate", total=len(todo))
     jobs = ((root / rel, options.min_size, options.seconds_per_file) for rel in todo)
-    with JsonLinesWriter(options.report) as journal:
+    with JsonLinesWriter(options.report_of(root)) as journal:
         for relative, problem in zip(todo, imap(_check_file, jobs, options.workers), strict=True):
             klass = _class_of(relative)
             if problem is None:
@@ -94,7 +85,7 @@ def validate(root: Path, options: ValidateOptions) -> ValidateReport:
                 progress.update(count="ok")
                 continue
             reason, detail = problem
-            destination = _quarantine(root / relative, options.quarantine / relative)
+            destination = _quarantine(root / relative, options.quarantine_of(root) / relative)
             journal.write({"path": relative, "quarantined_to": str(destination),
                            "reason": reason, "detail": detail, "time": round(time.time(), 3)})
             report.rejected[klass][reason] += 1

@@ -2,8 +2,9 @@
 
 `options` holds the settings and the checks that need no model (torch-free, so `--help` is
 fast); `optim` the parameter groups and schedules; `loop` one epoch as a free function;
-`distributed` the ranks under torchrun; `rundir` the run folder (log, checkpoints, best.pt);
-`cache` the frozen-trunk feature cache; `run` ties them together.
+`distributed` the ranks under torchrun; `saver` the run folder (log, checkpoints and best.pt
+written, and read back by --resume); `cache` the frozen-trunk feature cache; `run` reads top
+to bottom: data, model, optimizer, resume, epochs.
 """
 
 from __future__ import annotations

@@ -9,13 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import InputError
+from pipeline.core.options import option
 from pipeline.core.stage_options import SIZE
 from pipeline.formats import runfolder
+from pipeline.ml.archs import ARCHS
 
 SCHEDULES = ("step", "cosine", "plateau")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CACHE_DTYPES = ("fp16", "bf16", "fp32")
 DECODE_DEVICES = ("auto", "cpu", "cuda")
+
+
+def _none_is_none(layer: str) -> str | None:
+    return None if layer == "none" else layer
 
 
 @dataclass(frozen=True)
@@ -24,39 +30,68 @@ class FinetuneConfig:
     weight decay 5e-4 (not on biases), the new fc8 at the full rate and pretrained layers at
     a tenth of it (Caffe's lr_mult), the rate divided by 10 on a schedule."""
 
-    train: Path
-    val: Path | None = None
-    arch: str = "alexnet"
-    weights: str = "imagenet"
-    freeze_until: str | None = "conv4"
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 0.01
-    lr_mult: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    step_epochs: int | None = None
+    train: Path = option(type=Path, required=True, help=(
+        "Training data: a manifest (manifests/train.txt) or a packed .h5 file."))
+    val: Path | None = option(None, type=Path, help=(
+        "Validation data (manifest or .h5), evaluated after every epoch."))
+    arch: str = option("alexnet", choices=ARCHS, help="The network to fine-tune.")
+    weights: str = option("imagenet", help=(
+        "imagenet (torchvision's cache), none (from scratch), or a .pt/.pth file."))
+    freeze_until: str | None = option("conv4", metavar="NAME", parse=_none_is_none, help=(
+        "Freeze this layer and all before it (see `pipeline layers`); 'none' trains "
+        "everything."))
+    epochs: int = option(10, min=1, help="Passes over the training data.")
+    batch_size: int = option(32, min=1, help="Images per step (per rank under torchrun).")
+    lr: float = option(0.01, min=0, min_open=True, help=(
+        "Learning rate of the new fc8 (and of all layers with --weights none)."))
+    lr_mult: float = option(0.1, min=0, help=(
+        "Pretrained unfrozen layers learn at LR x LR_MULT (Caffe's lr_mult)."))
+    momentum: float = option(0.9, min=0, max=1, help="SGD momentum.")
+    weight_decay: float = option(5e-4, min=0, help="L2 on weights (not biases).")
+    schedule: str = option("step", choices=SCHEDULES, help=(
+        "step: /10 every --step-epochs; plateau: /10 when validation top-1 stops improving "
+        "(the VGG paper's rule)."))
+    step_epochs: int | None = option(None, type=int, min=1, help=(
+        "Epochs between /10 steps.  [default: a third of --epochs]"))
     plateau_patience: int = 1
-    label_smoothing: float = 0.0
-    crop: int = 224
-    resize: int = SIZE
-    jitter: tuple[int, int] | None = None
-    mean: str = "auto"
-    workers: int = 2
-    out: Path = Path("runs/finetune")
-    resume: bool = False
-    seed: int = 0
-    precision: str = "fp32"
-    channels_last: bool = True
-    max_steps: int | None = None  # a hard cap on optimizer steps per epoch (smoke runs)
-    cache_features: bool = False
-    cache_views: int = 8
-    cache_dir: Path | None = None  # default: .feature-cache/ beside the training data
-    cache_dtype: str = "fp16"
-    tensorboard: Path | None = None  # also write each epoch's log.csv figures here
-    decode_device: str = "auto"  # where JPEG packs decode: auto = cuda when training on CUDA
-
+    label_smoothing: float = option(0.0, min=0, max=1, max_open=True, help=(
+        "Share of the target spread over the other classes."))
+    crop: int = option(224, min=8, help="Network input size.")
+    resize: int = option(SIZE, min=8, help="Shorter side before cropping.")
+    jitter: tuple[int, int] | None = option(
+        None, flag="--scale-jitter", type=int, min=8, nargs=2, metavar="MIN MAX", parse=tuple,
+        help="Train with the shorter side drawn from [MIN, MAX] (VGG: 256 512).")
+    mean: str = option("auto", help=(
+        "Normalization: auto (the weights' own), imagenet, or a mean.npy from `pipeline "
+        "mean`."))
+    workers: int = option(2, min=0, help="Loader processes.")
+    out: Path = option(Path("runs/finetune"), path="dir", help="Run folder.")
+    resume: bool = option(False, help="Continue the run in --out from its checkpoint.")
+    seed: int = option(0, help="Seed of initialisation, sampling and augmentation.")
+    precision: str = option("fp32", choices=PRECISIONS, help=(
+        "bf16 autocast on CPU/GPU, fp16 (+grad scaling) on CUDA."))
+    channels_last: bool = option(True, flag="--channels-last/--no-channels-last", help=(
+        "NHWC memory format (faster convolutions on CPUs with oneDNN and on tensor-core "
+        "GPUs)."))
+    max_steps: int | None = option(None, type=int, min=1, hidden=True, help=(
+        "A hard cap on optimizer steps per epoch (smoke runs)."))
+    cache_features: bool = option(False, help=(
+        "Compute the frozen layers' output once per image and view, store it, and train the "
+        "rest from it (much faster per epoch; see docs/TRAINING.md)."))
+    cache_views: int = option(8, min=1, help=(
+        "Augmented views cached per training image (view 0: the centre crop); each epoch "
+        "trains on one of them."))
+    cache_dir: Path | None = option(None, type=Path, path="dir", help=(
+        "Where caches live, shared by runs with the same key.  [default: .feature-cache/ "
+        "beside the training data]"))
+    cache_dtype: str = option("fp16", choices=CACHE_DTYPES, help="Storage type of cached "
+                                                                  "features.")
+    tensorboard: Path | None = option(None, type=Path, path="dir", help=(
+        "Also log every epoch's figures (those of log.csv) to TensorBoard in this folder "
+        "(needs the tensorboard package)."))
+    decode_device: str = option("auto", choices=DECODE_DEVICES, help=(
+        "Where JPEG packs (pack --encoding jpeg) are decoded: cpu (loader workers), cuda "
+        "(whole batches with nvJPEG, crops on the GPU), auto (cuda when training on CUDA)."))
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

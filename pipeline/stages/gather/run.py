@@ -31,7 +31,7 @@ from pipeline.formats.urllist import (
     select_urls,
     write_hyponym_conflicts,
 )
-from pipeline.stages.gather.hosts import CUT_RETRY_LIMIT, HostBook, host_key
+from pipeline.stages.gather.hosts import HostBook, host_key
 from pipeline.stages.gather.http import Attempt
 from pipeline.stages.gather.names import NameService
 from pipeline.stages.gather.options import GatherOptions
@@ -231,7 +231,7 @@ def _fetch(selection: Selection, options: GatherOptions, journal: JsonLinesWrite
             _Run(scheduler, options, collector, report, names).drive()
         report.lookups = names.lookups_made
     report.this_run = collector.this_run
-    report.placeholders_found = collector.placeholders_found
+    report.placeholders_found = collector.placeholders.found
 
 
 class _Run:
@@ -299,24 +299,10 @@ class _Run:
         return max(TROUBLE_MIN, self.options.concurrency // TROUBLE_SHARE)
 
     def _read_timeout(self, job: Job) -> float | None:
-        """The host's own read timeout, except for a URL that timed out in an earlier run: it
-        gets the full --timeout, so a slow image is not cut off run after run.
-
-        A URL cut at its host's timeout is retried once in the run, under twice the timer it
-        was cut at (RFC 6298 5.5), but no more than CUT_RETRY_LIMIT unless the host's own timer
-        grew longer since: a client slowed by load recovers its answers (they come a little
-        late), while a URL the server let hang (4% of a real list's URLs on live hosts do)
-        costs ~3 s, not the full --timeout on top, and waits for the next run. With --timeout
-        10, waiting it out in the run tripled a 300-host run's time; doubling timers that
-        earlier cuts had already doubled made it 1.5 times as long.
-        """
-        if self.collector.index.outcome(job.entry.id) == "timeout":
-            return None
-        fitted = self.hosts.read_timeout(job.host, self.options.timeout)
-        if not job.cut_short or fitted is None or job.read_timeout is None:
-            return fitted
-        doubled = max(fitted, min(2 * job.read_timeout, CUT_RETRY_LIMIT))
-        return doubled if doubled < self.options.timeout else None
+        return self.hosts.read_timeout(
+            job.host, self.options.timeout,
+            timed_out_before=self.collector.index.outcome(job.entry.id) == "timeout",
+            cut_at=job.read_timeout if job.cut_short else None)
 
     def _settle(self, reply: Reply, *, stopping: bool) -> None:
         if reply.crash:

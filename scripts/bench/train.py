@@ -15,7 +15,7 @@ views vs live augmentation; meaningful with trained --weights).
 Prints images/s, the memory of each `pipeline finetune` run (benchlib: exact max RSS of its
 largest process, sampled peak PSS of its whole tree with the DataLoader workers) and ratios,
 then a one-line summary per part. Usage:
-    python scripts/bench_train.py [--workdir /tmp/bench-train] [--per-class 200] [--epochs 3]
+    python scripts/bench/train.py [--workdir /tmp/bench-train] [--per-class 200] [--epochs 3]
                                   [--part all|loop|cache] [--cache-views 8]
                                   [--vgg-train-images 96] [--accuracy-epochs 10]
 """
@@ -45,9 +45,9 @@ from pipeline.ml.normalization import Normalization
 from pipeline.ml.preprocess import InputSpec
 from pipeline.stages.label import label
 from pipeline.stages.pack import pack
+from pipeline.testing import make_sample
 
 import benchlib
-import make_sample
 
 CLASSES = 5
 CACHE_CASES = (("alexnet", "conv4"), ("alexnet", "conv5"), ("vgg16", "conv4"),
@@ -285,14 +285,14 @@ def main() -> None:
                         help="VGG16 cases train on this many images (and validate on half as "
                              "many): live VGG16 runs at a few images/s on a CPU")
     parser.add_argument("--accuracy-epochs", type=int, default=10)
-    parser.add_argument("--max-other-load", type=float, default=0.10)
+    benchlib.add_quiet_arguments(parser, wait=300.0)
     args = parser.parse_args()
     torch.set_num_threads(2)
     manifests = prepare(args.workdir, args.per_class, args.vgg_train_images)
     if args.part in ("all", "loop"):
         bench_loop(args, manifests)
     if args.part in ("all", "cache"):
-        quiet = benchlib.Quiet(args.max_other_load, 300.0)
+        quiet = benchlib.quiet_from(args)
         print(f"feature cache ({args.cache_views} views, fp16), {args.epochs} epochs per run:")
         speed = cache_speed(args.workdir, args, quiet)
         report_cache(speed, cache_accuracy(args.workdir, args, quiet))

@@ -7,7 +7,7 @@ must beat a plain `Image.open().convert('RGB')` + numpy loop by >= 1.5x on 2 cor
 peak memory that does not grow with the dataset. So both sides run as subprocesses, timed from
 spawn to exit, and memory is measured per command at two dataset sizes.
 
-    python scripts/bench_prepare.py [--images 2000 4000] [--workdir DIR] [--repeat 3]
+    python scripts/bench/prepare.py [--images 2000 4000] [--workdir DIR] [--repeat 3]
                                     [--seed 0] [--workers N] [--max-other-load 0.10]
                                     [--attempts 4] [--keep]
 
@@ -362,9 +362,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int,
                         help="pass --workers to pipeline (default: its own, all cores)")
-    parser.add_argument("--max-other-load", type=float, default=0.10,
-                        help="re-run a command when other processes took more than this share "
-                             "of the cores meanwhile (default 0.10)")
+    benchlib.add_quiet_arguments(parser)
     parser.add_argument("--attempts", type=int, default=4,
                         help="tries per run on a busy machine; the cleanest is kept")
     parser.add_argument("--keep", action="store_true", help="keep the temporary workdir")
@@ -382,7 +380,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
         data = prepare_dataset(workdir, count, args.seed)
         print(f"\nN={count}: {mean_file_kb(data.root):.1f} KB per JPEG", flush=True)
         cases = build_cases(data, args.workers)
-        run_cases(cases, data, args.repeat, Quiet(args.max_other_load, window=QUIET_WINDOW),
+        run_cases(cases, data, args.repeat, benchlib.quiet_from(args, window=QUIET_WINDOW),
                   args.attempts)
         results[count] = cases
         print(results_table(cases, count), flush=True)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Generate the project's offline "ImageNet": a small synthetic image set, deterministic per seed.
 
 Tests, demos and benchmarks need ImageNet-shaped inputs (synset folders, `words.txt`,
@@ -7,10 +6,10 @@ the internet. Each class is a kind of figure (shape or texture) drawn with rando
 placement, scale, rotation, clutter and noise, so a small CNN has to learn shape, not colour,
 and features learned on some classes transfer to the others.
 
-    python scripts/make_sample.py --out data/sample [--classes 10] [--per-class 300] [--seed 0]
+    python -m pipeline.testing.make_sample --out data/sample [--classes 10] [--per-class 300]
                                   [--base-url http://127.0.0.1:8765] [--workers N]
 
-The URL list's faults are served by `scripts/serve_sample.py`.
+The URL list's faults are served by `pipeline/testing/serve_sample.py`.
 """
 
 from __future__ import annotations

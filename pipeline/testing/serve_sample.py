@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Serve a `make_sample.py` sample over HTTP with the faults of the real image web.
 
 `gather` must survive dead links, throttling, hung servers, HTML error pages, truncated and
@@ -7,7 +6,7 @@ each of them on demand. The fault is encoded in the URL path (`make_sample.build
 writes such URLs), so the server is stateless apart from per-URL request counters, which the
 "fails n times, then works" routes need and which tests read back.
 
-    python scripts/serve_sample.py --root data/sample [--host 127.0.0.1] [--port 8765]
+    python -m pipeline.testing.serve_sample --root data/sample [--host 127.0.0.1] [--port 8765]
                                    [--latency 0] [--max-seconds 600] [--max-requests N]
 
 Prints one line, `serving http://HOST:PORT`, once listening. It stops by itself after
@@ -38,6 +37,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from PIL import Image
+
+from pipeline.testing import threads
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 CACHE_BYTES = 256 * 2**20
@@ -378,7 +379,8 @@ def serve_in_process(root: Path, *, latency: float = 0.0, max_seconds: float = 3
     Its stderr (the access log) goes to `log_path` when given."""
     log = open(log_path, "w", encoding="utf-8") if log_path else None  # noqa: SIM115
     server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--root", str(root), "--port", str(port),
+        [sys.executable, "-m", "pipeline.testing.serve_sample", "--root", str(root),
+         "--port", str(port),
          "--latency", str(latency), "--max-seconds", str(max_seconds)],
         stdout=subprocess.PIPE, stderr=log, text=True)
     try:
@@ -408,33 +410,12 @@ def serve_in_thread(root: Path, *, latency: float = 0.0, max_seconds: float = 12
     The server is stopped and the thread joined on exit, exceptions included.
     """
     mirror = Mirror(root, latency=latency, max_requests=max_requests)
-    started = threading.Event()
-    state: dict[str, Any] = {}
 
-    def ready(url: str) -> None:
-        state["url"], state["loop"] = url, asyncio.get_running_loop()
-        started.set()
+    async def run(ready: Callable[[str], None]) -> None:
+        await serve(mirror, "127.0.0.1", 0, max_seconds, ready)
 
-    def run() -> None:
-        try:
-            asyncio.run(serve(mirror, "127.0.0.1", 0, max_seconds, ready))
-        except Exception as exc:  # handed to the caller below
-            state["error"] = exc
-        finally:
-            started.set()
-
-    thread = threading.Thread(target=run, name="serve_sample", daemon=True)
-    thread.start()
-    started.wait()
-    if "url" not in state:
-        thread.join()
-        raise RuntimeError("the mirror did not start") from state.get("error")
-    try:
-        yield MirrorHandle(state["url"], mirror)
-    finally:
-        with contextlib.suppress(RuntimeError):  # the loop already ended (max_seconds)
-            state["loop"].call_soon_threadsafe(mirror.stop.set)
-        thread.join()
+    with threads.serve_in_thread("serve_sample", run, mirror.stop.set) as url:
+        yield MirrorHandle(url, mirror)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """A fake DNS server on loopback that answers the way the real web's names get answered.
 
 `serve_web.py`'s realistic world uses real-looking names (farm3.static.flickr.com,
@@ -36,7 +35,7 @@ In a thread (tests), stopped on exit and after `max_seconds` in any case:
 As a command (prints `{"dns": "HOST:PORT"}` once listening, `{"stats": {...}}` when it stops
 on SIGTERM/SIGINT or --max-seconds):
 
-    python scripts/fake_dns.py [--address 127.0.0.1:0] [--seed 0] [--max-seconds 600]
+    python -m pipeline.testing.fake_dns [--address 127.0.0.1:0] [--seed 0] [--max-seconds 600]
                                [--map NAME=ADDRESS|KIND ...] [--records FILE.json]
 
 Programs that use the system resolver (glibc's getaddrinfo, e.g. img2dataset) can only be
@@ -68,12 +67,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
 from dnslib import QTYPE, RCODE, RR, A, DNSError, DNSRecord
+
+from pipeline.testing import threads
 
 DNS_KINDS: tuple[str, ...] = ("nxdomain", "slow", "congested")
 TTL = 300
@@ -84,7 +85,6 @@ DROP_CROWDED = 0.25  # ... at a crowd of CROWDED or more
 CROWDED = 40
 BIND_ATTEMPTS = 20
 UDP_BUFFER = 4 * 2**20
-THREAD_JOIN_SECONDS = 10
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
@@ -287,34 +287,21 @@ class FakeDns:
         self.host, self.port = parse_address(address)
         self.zone = Zone(records, seed=seed, window=window)
         self.max_seconds = max_seconds
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
+        self._serving: contextlib.AbstractContextManager[FakeDns] | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def __enter__(self) -> FakeDns:
-        started = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(started,), name="fake_dns",
-                                        daemon=True)
-        self._thread.start()
-        started.wait()
-        if self._loop is None:
-            self._thread.join()
-            raise self._error or RuntimeError("the fake DNS did not start")
-        return self
+        self._serving = threads.serve_in_thread("fake_dns", self._serve, self._set_stop)
+        return self._serving.__enter__()
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        assert self._thread is not None and self._loop is not None and self._stop is not None
-        with contextlib.suppress(RuntimeError):  # the loop already ended (max_seconds)
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(THREAD_JOIN_SECONDS)
-        if self._thread.is_alive():
-            raise RuntimeError(f"the fake DNS did not stop within {THREAD_JOIN_SECONDS} s")
+        assert self._serving is not None
+        self._serving.__exit__(kind, error, trace)
 
     def stall(self, seconds: float) -> None:
         """Drop every query for the next `seconds` (safe from any thread)."""
@@ -326,15 +313,11 @@ class FakeDns:
     def stats(self) -> dict[str, Any]:
         return self.zone.stats()
 
-    def _run(self, started: threading.Event) -> None:
-        try:
-            asyncio.run(self._serve(started))
-        except Exception as exc:  # handed to __enter__
-            self._error = exc
-        finally:
-            started.set()
+    def _set_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
 
-    async def _serve(self, started: threading.Event) -> None:
+    async def _serve(self, ready: Callable[[FakeDns], None]) -> None:
         udp, tcp = _bind_pair(self.host, self.port)
         self.port = udp.getsockname()[1]
         loop = asyncio.get_running_loop()
@@ -342,8 +325,7 @@ class FakeDns:
         server = await asyncio.start_server(
             lambda reader, writer: _tcp_client(self.zone, reader, writer), sock=tcp)
         self._stop = asyncio.Event()
-        self._loop = loop
-        started.set()
+        ready(self)
         try:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.max_seconds)

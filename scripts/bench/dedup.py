@@ -1,34 +1,29 @@
 #!/usr/bin/env python3
 """Benchmark `pipeline label`'s near-duplicate search: hashing and grouping.
 
-Hashing is measured on real JPEG/PNG files of the synthetic sample (scripts/make_sample.py),
+Hashing is measured on real JPEG/PNG files of the synthetic sample (pipeline.testing.make_sample),
 the rate extrapolated to 10,000 and 100,000 images. Grouping runs on synthetic hashes at
 10,000 and 100,000 images (uniform random 64/256-bit hashes, a share of them planted as
 near copies 0-10 coarse bits and 0-60 fine bits away): it must find every planted pair, and
 at --check images it is compared with brute force.
 
-    python scripts/bench_dedup.py [--hash-images 600] [--sizes 10000 100000] [--workers 2]
+    python scripts/bench/dedup.py [--hash-images 600] [--sizes 10000 100000] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from pipeline.core.parallel import imap  # noqa: E402
 from pipeline.core.perceptual import FINE_WORDS, HashTable, near_pairs  # noqa: E402
 from pipeline.core.stage_options import LABEL  # noqa: E402
 from pipeline.stages.label import FINE_DISTANCE, hash_file  # noqa: E402
-
-import make_sample  # noqa: E402
+from pipeline.testing import make_sample  # noqa: E402
 
 
 def time_hashing(images: int, workers: int) -> float:

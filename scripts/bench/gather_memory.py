@@ -40,7 +40,7 @@ commit, changed files, a digest of the sources), so edits made meanwhile do not 
 `--code DIR` measures the package in DIR instead (to compare two versions, or two
 `--kept-share`s on one version).
 
-    python scripts/bench_gather_memory.py [--synsets 10000] [--per-synset 1400] [--every 10]
+    python scripts/bench/gather_memory.py [--synsets 10000] [--per-synset 1400] [--every 10]
                                           [--hosts 4096] [--kept-share 0.5] [--live-hosts 256]
                                           [--workdir /tmp] [--target-mb 300]
                                           [--run-timeout 5400] [--code DIR]
@@ -74,9 +74,7 @@ from typing import Any
 
 from PIL import Image
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO = SCRIPTS.parent
-sys.path.insert(0, str(SCRIPTS))
+REPO = Path(__file__).resolve().parents[2]
 
 from benchlib import cpu_seconds_of, process_tree, pss_kb  # noqa: E402
 

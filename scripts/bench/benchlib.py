@@ -11,11 +11,12 @@ subprocess and is measured from outside:
   (CI and other sessions run on the same 2 cores) and a stranger's busy process halves a
   parallel speed-up, so figures from a disturbed run must say so.
 
-Used as `import benchlib` from the scripts beside it (a script's own folder is on sys.path).
+Used as `import benchlib` from the benchmarks beside it (a script's own folder is on sys.path).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -161,6 +162,20 @@ class Quiet:
     max_other: float = 0.10  # share of all cores other processes may use
     max_wait: float = 120.0  # seconds; then run anyway (and report the load)
     window: float = 1.0  # seconds over which the load is measured
+
+
+def add_quiet_arguments(parser: argparse.ArgumentParser, *,
+                        wait: float = Quiet.max_wait) -> None:
+    """The quiet-machine options every benchmark takes (read back with `quiet_from`)."""
+    parser.add_argument("--max-other-load", type=float, default=Quiet.max_other,
+                        help="a timed command during which other processes used more than "
+                             f"this share of the cores is discarded ({Quiet.max_other:g})")
+    parser.add_argument("--quiet-wait", type=float, default=wait,
+                        help=f"longest wait for quiet before a timed command, s ({wait:g})")
+
+
+def quiet_from(args: argparse.Namespace, *, window: float = Quiet.window) -> Quiet:
+    return Quiet(args.max_other_load, args.quiet_wait, window)
 
 
 def wait_for_quiet(quiet: Quiet, helper_pid: int | None = None) -> float:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Simulate the real image web's mix of hosts on loopback: one address per host, one port.
 
 On the real ImageNet list most failures are whole hosts, not single URLs: names that no longer
@@ -72,7 +71,7 @@ comes back for many URLs), so the sample needs about half as many pictures as UR
 for 20,000 at seed 0; an error says how many). `serve_world` runs it in threads (tests),
 `serve_world_process` in a process of its own (benchmarks).
 
-    python scripts/serve_web.py --root data/sample [--hosts 50] [--mix alive=0.6,refusing=0.1]
+    python -m pipeline.testing.serve_web --root data/sample [--hosts 50] [--mix alive=0.6,...]
         [--seed 0] [--port 0] [--latency 0] [--trickle-every 2] [--endless-rate 16384]
         [--max-seconds 600] [--control-stdin]
 
@@ -80,7 +79,7 @@ prints one JSON line once every host is up, `{"port": P, "hosts": [...], "resolv
 and one `{"stats": {...}}` line when it stops (SIGTERM/SIGINT or --max-seconds); with
 --control-stdin, each `stats` line read from stdin is answered with a stats line as well.
 
-    python scripts/serve_web.py --root SAMPLE --world --out DIR [--urls 20000] [--hosts N]
+    python -m pipeline.testing.serve_web --root SAMPLE --world --out DIR [--urls 20000] [--hosts N]
         [--seed 0] [--dns 127.0.0.1:0] [--port 0] [--trickle-every 2] [--max-seconds 600]
 
 serves the real world of `--urls` URLs and its DNS (`--dns 127.0.0.53:53` as root, for
@@ -117,7 +116,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -125,9 +124,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from PIL import Image, ImageDraw, ImageFont
 
-import make_sample
-from fake_dns import FakeDns
-from serve_sample import SHUTDOWN_GRACE, Mirror, html_page
+from pipeline.testing import make_sample, threads
+from pipeline.testing.fake_dns import FakeDns
+from pipeline.testing.serve_sample import SHUTDOWN_GRACE, Mirror, html_page
 
 BEHAVIOURS: tuple[str, ...] = ("alive", "refusing", "blackhole", "trickle", "endless",
                                "soft404", "placeholder", "resizing_placeholder", "dns_dead",
@@ -769,42 +768,16 @@ def serve_web(sample_root: Path, hosts: Sequence[HostSpec], *, port: int = 0,
     """
     web_ = _Web(sample_root, hosts, latency=latency, trickle_every=trickle_every,
                 endless_rate=endless_rate, max_requests=max_requests)
-    started = threading.Event()
-    state: dict[str, Any] = {}
 
-    async def main() -> None:
+    async def run(ready: Callable[[int], None]) -> None:
         try:
-            state["port"] = await web_.start(port)
-            state["loop"] = asyncio.get_running_loop()
-        finally:
-            started.set()
-        try:
+            ready(await web_.start(port))
             await web_.run(max_seconds)
         finally:
             await web_.close()
 
-    def run() -> None:
-        try:
-            asyncio.run(main())
-        except Exception as exc:  # handed to the caller below
-            state["error"] = exc
-        finally:
-            started.set()
-
-    thread = threading.Thread(target=run, name="serve_web", daemon=True)
-    thread.start()
-    started.wait()
-    if "loop" not in state:
-        thread.join()
-        raise RuntimeError("the simulated web did not start") from state.get("error")
-    try:
-        yield WebHandle(web_.hosts, state["port"], web_)
-    finally:
-        with contextlib.suppress(RuntimeError):  # the loop already ended (max_seconds)
-            state["loop"].call_soon_threadsafe(web_.stop.set)
-        thread.join(timeout=30)
-        if thread.is_alive():
-            raise RuntimeError("the simulated web did not stop within 30 s")
+    with threads.serve_in_thread("serve_web", run, web_.stop.set) as bound:
+        yield WebHandle(web_.hosts, bound, web_)
 
 
 # --------------------------------------------------------------------- in a process (benchmark)
@@ -879,7 +852,7 @@ def _child(argv: list[str], handle_type: type[Handle], start_timeout: float,
            stderr: Any) -> Iterator[Handle]:
     """serve_web.py with `argv` and --control-stdin; its first line makes the handle."""
     process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), *argv, "--control-stdin"],
+        [sys.executable, "-m", "pipeline.testing.serve_web", *argv, "--control-stdin"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
     lines = _LineReader(process.stdout)
     handle: Handle | None = None

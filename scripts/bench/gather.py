@@ -59,7 +59,7 @@ pypi.org at import (a DNS query to the machine's resolver, outside 127.0.0.0/8).
 Also times `urllist.select_urls` over a 10-million-line `fall11_urls.txt`-style list (skip
 with --filter-lines 0).
 
-    python scripts/bench_gather.py [--scenario all|mirror|hosts|world] [--urls N] [--hosts 300]
+    python scripts/bench/gather.py [--scenario all|mirror|hosts|world] [--urls N] [--hosts 300]
                                    [--dns-address 127.0.0.53] [--repeat 3] [--max-tries 9]
                                    [--max-other-load 0.10] [--quiet-wait 120]
                                    [--run-timeout 600] [--workdir DIR]
@@ -110,20 +110,19 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO = SCRIPTS.parent
-sys.path.insert(0, str(SCRIPTS))
+REPO = Path(__file__).resolve().parents[2]
 
-import benchlib  # noqa: E402
-from benchlib import CommandTimeout, Quiet, Run  # noqa: E402
-from make_sample import build_url_list, make_sample  # noqa: E402
-from serve_web import (  # noqa: E402
+from pipeline.testing.make_sample import build_url_list, make_sample  # noqa: E402
+from pipeline.testing.serve_web import (  # noqa: E402
     WebLayout,
     WorldProcess,
     build_web_url_list,
     serve_web_process,
     serve_world_process,
 )
+
+import benchlib  # noqa: E402
+from benchlib import CommandTimeout, Quiet, Run  # noqa: E402
 
 I2D_VERSION = "1.47.0"
 DEFAULT_I2D_VENV = Path("/work/bench-venvs/img2dataset")
@@ -193,7 +192,7 @@ def mirror_process(root: Path, latency: float, max_seconds: float,
 
     Its own --max-seconds bounds it even if this script dies without cleaning up.
     """
-    argv = [sys.executable, str(SCRIPTS / "serve_sample.py"), "--root", str(root),
+    argv = [sys.executable, "-m", "pipeline.testing.serve_sample", "--root", str(root),
             "--port", "0", "--latency", str(latency), "--max-seconds", str(max_seconds),
             "--max-requests", str(10**8)]
     with open(log, "wb") as errors:
@@ -1280,11 +1279,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "median of their ratios is reported")
     parser.add_argument("--max-tries", type=int, default=None,
                         help="pairs tried per scenario before giving up (3 x --repeat)")
-    parser.add_argument("--max-other-load", type=float, default=0.10,
-                        help="a pair during which other processes used more than this share "
-                             "of the cores is discarded (default 0.10)")
-    parser.add_argument("--quiet-wait", type=float, default=120.0,
-                        help="longest wait for quiet before a command, in seconds")
+    benchlib.add_quiet_arguments(parser)
     parser.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT,
                         help=f"seconds after which a command is killed ({RUN_TIMEOUT:g})")
     args = parser.parse_args(argv)
@@ -1307,7 +1302,7 @@ def main(argv: list[str] | None = None) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         sys.exit(f"another bench_gather.py is using {workdir}; wait for it or give --workdir")
-    quiet = Quiet(args.max_other_load, args.quiet_wait)
+    quiet = benchlib.quiet_from(args)
     names = SCENARIOS if args.scenario == "all" else (args.scenario,)
     print(header(args, workdir), flush=True)
     exe = None if args.skip_img2dataset else ensure_img2dataset(args.img2dataset_venv)

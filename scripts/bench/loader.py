@@ -29,7 +29,7 @@ versions fails to install and is left out with pip's reason. Every pack and load
 whole command (interpreter start-up included), measured with benchlib after waiting for the
 shared machine to be quiet; runs disturbed by other load say so.
 
-    python scripts/bench_loader.py [--images 10000] [--epochs 4] [--batch-size 64]
+    python scripts/bench/loader.py [--images 10000] [--epochs 4] [--batch-size 64]
                                    [--workers 2] [--workdir /tmp/bench-loader]
                                    [--peers-venv /work/bench-venvs/loader-peers]
                                    [--skip-peers] [--quiet-wait 120]
@@ -53,6 +53,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import benchlib
 
 CROP, SIZE, QUALITY = 224, 256, 90
 PEER_PACKAGES = {"litdata": "litdata", "webdataset": "webdataset", "ffcv": "ffcv"}
@@ -97,10 +99,8 @@ def source_images(workdir: Path, count: int) -> Path:
     listing = workdir / "images.txt"
     if listing.exists() and len(listing.read_text().splitlines()) == count:
         return listing
-    sys.path.insert(0, str(SCRIPT.parent))
     from pipeline.ml.preprocess import square_image
-
-    import make_sample
+    from pipeline.testing import make_sample
 
     classes = 10
     sample = workdir / "sample"
@@ -355,7 +355,6 @@ def size_of(path: Path) -> int:
 
 def run_case(case: Case, python: Path, args: argparse.Namespace, listing: Path,
              manifest: Path, quiet) -> Result:
-    import benchlib
 
     out = pack_output(args.workdir, case)
     if out.is_dir():
@@ -386,7 +385,6 @@ def run_case(case: Case, python: Path, args: argparse.Namespace, listing: Path,
 
 
 def report(results: list[Result], skipped: dict[str, str], images: int, args) -> None:
-    import benchlib
 
     rows = [["loader", "stores", "pack s", "pack MB", *[f"epoch {e}" for e in
                                                          range(1, args.epochs + 1)],
@@ -438,9 +436,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-loader"))
     parser.add_argument("--peers-venv", type=Path, default=DEFAULT_PEERS_VENV)
     parser.add_argument("--skip-peers", action="store_true")
-    parser.add_argument("--max-other-load", type=float, default=0.10)
-    parser.add_argument("--quiet-wait", type=float, default=120.0,
-                        help="Seconds to wait for the machine to be quiet before each command.")
+    benchlib.add_quiet_arguments(parser)
     parser.add_argument("--run-timeout", type=float, default=1800.0)
     # one step of one case, in a process of its own (the benchmark runs these)
     parser.add_argument("--step", choices=("pack", "load"), help=argparse.SUPPRESS)
@@ -456,8 +452,6 @@ def main() -> None:
         rates = load_case(args.case, args.data, args.epochs, args.batch_size, args.workers)
         args.figures.write_text(json.dumps(rates))
         return
-    sys.path.insert(0, str(SCRIPT.parent))
-    import benchlib
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     listing = source_images(args.workdir, args.images)
@@ -468,7 +462,7 @@ def main() -> None:
     present = [p for p in PEER_PACKAGES if p not in skipped]
     if present:
         print(f"peers: {versions(python, present)}", flush=True)
-    quiet = benchlib.Quiet(max_other=args.max_other_load, max_wait=args.quiet_wait)
+    quiet = benchlib.quiet_from(args)
     results = []
     for case in CASES:
         if case.peer in skipped:
