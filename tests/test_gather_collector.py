@@ -76,7 +76,7 @@ def test_near_rows_find_exactly_the_hashes_within_the_distance_across_merges(mon
     rows = NearRows(7)
     for offset, value in enumerate(hashes.tolist()):
         rows.add(value, offset)
-    assert len(rows) == 500 and len(rows.hashes) == 448  # 7 merges, 52 rows still recent
+    assert len(rows) == 500 and len(rows.index) == 448  # 7 merges, 52 rows still recent
     for trial in range(200):
         probe = int(hashes[trial % 500])
         for bit in rng.choice(64, size=trial % 10, replace=False):
@@ -103,6 +103,20 @@ def test_a_million_kept_images_take_about_16_bytes_each():
         tracemalloc.stop()
     assert rows.keys.nbytes + rows.offsets.nbytes <= 16 * 1_000_000
     assert peak < 40 * 2**20, f"{peak / 2**20:.0f} MiB"  # measured 29; as objects: hundreds
+
+
+def test_near_rows_hold_about_32_bytes_a_row_and_a_megabyte_of_tables():
+    rows = NearRows(7)
+    hashes = np.random.default_rng(5).integers(0, 2**63, 200_000, dtype=np.int64).tolist()
+    tracemalloc.start()
+    try:
+        for offset, value in enumerate(hashes):
+            rows.add(value, offset * 300)
+        current, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # 8 (hash) + 8 (offset) + 4 x 4 (block orders), 1 MiB of block tables, the recent buffer
+    assert current < 32 * 200_000 + 1.5 * 2**20, f"{current / 200_000:.1f} bytes a row"
 
 
 def test_the_journal_is_indexed_in_batches_and_the_last_line_still_wins(tmp_path,

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.core.errors import InputError
 from pipeline.formats.manifest import read_manifest
@@ -154,6 +155,17 @@ def test_a_raw_pack_is_cut_without_pil_into_the_pil_paths_very_pixels(packs, tra
         assert torch.equal(fast, slow) and label_ == expected_label
         flips += SPEC.window_of(SIZE, SIZE, train, sample_rng(7, 3, index)).flip
     assert flips > 0 or not train  # the flip was exercised
+
+
+@pytest.mark.parametrize("pack", ["jpeg", "jpeg-shards"])
+def test_a_jpeg_packs_thumbnails_are_the_pixels_training_decodes(packs, pack):
+    """One JPEG decoder for a pack: what evaluate and report show is what the model saw (a
+    small input size would have let PIL decode at a reduced DCT scale)."""
+    images = open_images(packs[pack], InputSpec(crop=16, resize=16), train=False)
+    for index in (0, len(images) - 1):
+        stored = torch.from_numpy(images.rows.row(index))
+        decoded = decode_jpeg(stored, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+        assert np.array_equal(np.asarray(images.image(index)), decoded)
 
 
 def test_batched_decoding_skips_only_a_corrupt_jpeg(packs):

@@ -40,6 +40,7 @@ VIEW_DIGITS = 16 * (1 + FINE_WORDS)  # a view as hex: coarse, then fine
 DECODE_SIDE = 128  # JPEGs decode at the DCT scale that keeps this shorter side
 BLOCKS = 4
 BLOCK_BITS = 64 // BLOCKS
+BLOCK_VALUES = 1 << BLOCK_BITS
 MAX_TRIM = 0.15  # at most this share of a side is taken as border
 BORDER_MEAN = 5.0  # a border line's mean grey distance from the frame colour, at most
 BORDER_FAR = 32.0  # a pixel this far from the frame colour is content...
@@ -183,38 +184,74 @@ class HashTable:
         self.owner = np.array(owner, dtype=np.int64)
 
 
+class BlockIndex:
+    """Rows of 64-bit hashes indexed by each of their BLOCKS 16-bit blocks (multi-index
+    hashing): two hashes within d bits agree within d // BLOCKS bits on at least one block
+    (pigeonhole), so probing every block with its value and the values within d // BLOCKS bits
+    of it finds every near row without comparing all pairs. Per block a dense table says where
+    the rows with each block value start in that block's order: 16 bytes a row (four int32
+    orders) and 1 MB of tables. `label` finds all near pairs with it; gather finds the kept
+    images near a new one."""
+
+    def __init__(self, hashes: np.ndarray) -> None:
+        self.hashes = np.asarray(hashes, np.uint64)
+        self.orders: list[np.ndarray] = []
+        self.starts: list[np.ndarray] = []
+        for block in range(BLOCKS):
+            keys = block_keys(self.hashes, block)
+            self.orders.append(np.argsort(keys, kind="stable").astype(np.int32))
+            counts = np.bincount(keys, minlength=BLOCK_VALUES)
+            self.starts.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def rows_with(self, block: int, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(k, row) for every row whose `block` equals values[k], k ascending."""
+        starts = self.starts[block]
+        begin, end = starts[values], starts[values + 1]
+        counts = (end - begin).astype(np.int64)
+        total = int(counts.sum())
+        if not total:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        which = np.repeat(np.arange(len(values)), counts)
+        within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        return which, self.orders[block][np.repeat(begin, counts) + within].astype(np.int64)
+
+    def near(self, value: int, max_distance: int) -> np.ndarray:
+        """The rows within max_distance bits of `value`, ascending."""
+        probe = np.uint64(value)
+        masks = block_masks(max_distance // BLOCKS)
+        rows = np.concatenate([self.rows_with(block, int(block_keys(probe, block)) ^ masks)[1]
+                               for block in range(BLOCKS)])
+        rows = rows[np.bitwise_count(self.hashes[rows] ^ probe) <= max_distance]
+        return np.unique(rows)
+
+
+def block_keys(hashes: np.ndarray | np.uint64, block: int) -> np.ndarray:
+    """Block `block` of every hash, as the index's int64 table keys."""
+    return ((hashes >> np.uint64(block * BLOCK_BITS)) & np.uint64(BLOCK_VALUES - 1)).astype(
+        np.int64)
+
+
+def block_masks(max_bits: int) -> np.ndarray:
+    """Every BLOCK_BITS-bit mask with at most `max_bits` bits set."""
+    return np.array([sum(1 << bit for bit in bits) for count in range(max_bits + 1)
+                     for bits in combinations(range(BLOCK_BITS), count)], np.int64)
+
+
 def near_pairs(table: HashTable, coarse_distance: int, fine_distance: int) -> set[tuple[int, int]]:
     """Pairs of different images (i < j) with a view pair within both distances."""
     found: set[tuple[int, int]] = set()
     if len(table.coarse) < 2:
         return found
-    masks = _masks(coarse_distance // BLOCKS)
+    index = BlockIndex(table.coarse)
     for block in range(BLOCKS):
-        keys = ((table.coarse >> np.uint64(block * BLOCK_BITS)) & np.uint64(0xFFFF)).astype(
-            np.int64)
-        order = np.argsort(keys, kind="stable")
-        starts = np.searchsorted(keys[order], np.arange((1 << BLOCK_BITS) + 1))
-        for mask in masks:
-            left, right = _candidates(keys ^ mask, order, starts)
+        keys = block_keys(table.coarse, block)
+        for mask in block_masks(coarse_distance // BLOCKS):
+            left, right = index.rows_with(block, keys ^ mask)
             found.update(_confirmed(table, left, right, coarse_distance, fine_distance))
     return found
-
-
-def _masks(max_bits: int) -> list[int]:
-    """Every 16-bit mask with at most `max_bits` bits set."""
-    return [sum(1 << bit for bit in bits) for count in range(max_bits + 1)
-            for bits in combinations(range(BLOCK_BITS), count)]
-
-
-def _candidates(probe: np.ndarray, order: np.ndarray,
-                starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every (view, other view) whose block equals the view's probed block value."""
-    begin, end = starts[probe], starts[probe + 1]
-    counts = end - begin
-    left = np.repeat(np.arange(len(probe)), counts)
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    right = order[np.repeat(begin, counts) + offsets]
-    return left, right
 
 
 def _confirmed(table: HashTable, left: np.ndarray, right: np.ndarray, coarse_distance: int,

@@ -16,6 +16,7 @@ a read, this ~35 bytes and one slice.
 from __future__ import annotations
 
 import hashlib
+import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,39 @@ class EncodedImages:
 def open_images_of(h5: h5py.File) -> h5py.Dataset | EncodedImages:
     """A pack file's images, by row: `images[row]` is the pixels (raw) or the JPEG's bytes."""
     return h5[IMAGES] if h5.attrs.get("encoding", "raw") == "raw" else EncodedImages.open(h5)
+
+
+class PackReader:
+    """A pack or shard set's images by global row: the pixels (raw) or the JPEG's bytes.
+
+    Each process opens its own handles, lazily, so a DDP rank opens only the shards its rows
+    are in and reads only its rows; an open HDF5 handle never crosses a fork or a pickle.
+    """
+
+    def __init__(self, info: PackInfo) -> None:
+        self.files = [path for path, _ in info.shards]
+        self.starts = np.cumsum([0] + [count for _, count in info.shards])
+        self._handles: dict[int, h5py.File] = {}
+        # h5py's lookup of a dataset by name costs ~0.1 ms a read: each is looked up once
+        self._datasets: dict[int, h5py.Dataset | EncodedImages] = {}
+        self._pid = -1
+
+    def locate(self, index: int) -> tuple[h5py.Dataset | EncodedImages, int]:
+        """The images dataset holding row `index`, and the row within it."""
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        if self._pid != os.getpid():
+            self._handles, self._datasets, self._pid = {}, {}, os.getpid()
+        if shard not in self._datasets:
+            self._handles[shard] = h5py.File(self.files[shard], "r")
+            self._datasets[shard] = open_images_of(self._handles[shard])
+        return self._datasets[shard], index - int(self.starts[shard])
+
+    def row(self, index: int) -> np.ndarray:
+        dataset, row = self.locate(index)
+        return dataset[row]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}, "_datasets": {}}
 
 
 def write_index(h5: h5py.File, *, labels: np.ndarray, paths: list[str] | None, size: int,

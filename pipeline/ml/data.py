@@ -13,14 +13,12 @@ Design choices, each for a reason:
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -31,7 +29,7 @@ from torchvision.transforms.v2.functional import resize
 from pipeline.core.errors import InputError
 from pipeline.core.images import ImageDecodeError, decode_image
 from pipeline.formats.manifest import read_labels, read_manifest
-from pipeline.formats.packfile import EncodedImages, is_packfile, open_images_of, read_pack
+from pipeline.formats.packfile import PackReader, is_packfile, read_pack
 from pipeline.ml.preprocess import InputSpec, Window
 
 log = logging.getLogger(__name__)
@@ -139,13 +137,8 @@ class PackedImages(_ImageSource):
         info = read_pack(h5_path)
         self.labels, self.classes = info.labels, info.classes
         self.encoding, self.size = info.encoding, info.size
-        self.shard_files = [path for path, _ in info.shards]
-        self.shard_starts = np.cumsum([0] + [count for _, count in info.shards])
+        self.rows = PackReader(info)
         self.deferred = False
-        self._files: dict[int, h5py.File] = {}
-        self._datasets: dict[int, h5py.Dataset | EncodedImages] = {}  # h5py's lookup by
-        # name costs ~0.1 ms a read
-        self._pid = -1
 
     def defer_decoding(self) -> None:
         """Yield `Encoded` samples (JPEG bytes and the crop to make) instead of pixels, for
@@ -155,24 +148,19 @@ class PackedImages(_ImageSource):
                              "with --encoding jpeg can be decoded on the GPU")
         self.deferred = True
 
-    def _locate(self, index: int) -> tuple[h5py.Dataset | EncodedImages, int]:
-        """The images dataset holding row `index`, and the row within it."""
-        shard = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
-        if self._pid != os.getpid():
-            self._files, self._datasets, self._pid = {}, {}, os.getpid()
-        if shard not in self._datasets:
-            self._files[shard] = h5py.File(self.shard_files[shard], "r")
-            self._datasets[shard] = open_images_of(self._files[shard])
-        return self._datasets[shard], index - int(self.shard_starts[shard])
-
     def _row(self, index: int) -> np.ndarray:
-        dataset, row = self._locate(index)
-        return dataset[row]
+        return self.rows.row(index)
 
     def image(self, index: int) -> Image.Image:
         if self.encoding == "raw":
             return Image.fromarray(self._row(index), "RGB")
-        return decode_image(self._row(index).tobytes(), min_side=self.spec.decode_side)
+        # The training decoder (libjpeg-turbo through torchvision), so a thumbnail shows
+        # the very pixels the model saw.
+        return Image.fromarray(self._decode(index).permute(1, 2, 0).numpy(), "RGB")
+
+    def _decode(self, index: int) -> torch.Tensor:
+        """A stored JPEG, 3 x H x W (RuntimeError when it cannot be decoded)."""
+        return decode_jpeg(torch.from_numpy(self._row(index)), mode=ImageReadMode.RGB)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | Encoded | str:
         index, epoch = key
@@ -186,7 +174,7 @@ class PackedImages(_ImageSource):
                 return Encoded(torch.from_numpy(self._row(index)), window,
                                int(self.labels[index]))
             if self.encoding == "raw":
-                dataset, row = self._locate(index)
+                dataset, row = self.rows.locate(index)
                 rows, columns = self.spec.crop_slices(window)
                 pixels = _chw(dataset[row, rows, columns], window.flip)  # reads only the crop
             else:
@@ -198,7 +186,7 @@ class PackedImages(_ImageSource):
 
     def _decode_crop(self, index: int, window: Window) -> torch.Tensor:
         """`window` of a stored JPEG, decoded on the CPU (RuntimeError when it cannot be)."""
-        image = decode_jpeg(torch.from_numpy(self._row(index)), mode=ImageReadMode.RGB)
+        image = self._decode(index)
         if tuple(image.shape[1:]) != (window.height, window.width):
             return window_crop(image, window, self.spec.crop).contiguous()
         rows, columns = self.spec.crop_slices(window)
@@ -206,12 +194,6 @@ class PackedImages(_ImageSource):
 
     def path(self, index: int) -> str:
         return f"{self.h5_path}[{index}]"
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_files"] = {}  # an open HDF5 handle must never cross a fork or a pickle
-        state["_datasets"] = {}
-        return state
 
 
 def _chw(pixels: np.ndarray, flip: bool) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.perceptual import BLOCK_BITS, BLOCKS
+from pipeline.core.perceptual import BlockIndex, block_keys
 from pipeline.formats.journal import read_records
 
 MERGE_AT = 1 << 14  # rows added since the last merge, held in a dict until then (~3 MB)
@@ -85,39 +85,27 @@ class DigestRows:
         self._recent_rows = 0
 
 
-
-BLOCK_VALUES = 1 << BLOCK_BITS
-BLOCK_MASK = np.uint64(BLOCK_VALUES - 1)
-
-
 class NearRows:
     """Which journal lines hold a kept image whose 64-bit perceptual hash is within
     `max_distance` bits of a given one: a host's placeholder re-encoded or resized per URL
     has other bytes but nearly the same hash.
 
-    Never all pairs: two hashes within d < 8 bits agree within one bit on one of their four
-    16-bit blocks (pigeonhole), so each block is probed with its value and its 16 one-bit
-    neighbours (68 probes in all) through a dense table per block: where the rows with each
-    block value start in that block's order. 32 bytes a row (hash, journal offset, four int32
-    orders) and 1 MB of tables; recent rows wait in a small buffer, compared one by one.
+    The merged rows are a `BlockIndex` (multi-index hashing; at distance 7, 68 probes) plus
+    their journal offsets: 32 bytes a row and 1 MB of tables. Recent rows wait in a small
+    buffer, compared one by one, and are folded in every MERGE_AT rows.
     """
 
     def __init__(self, max_distance: int) -> None:
-        if max_distance >= 2 * BLOCKS:
-            raise ValueError(f"NearRows finds distances up to {2 * BLOCKS - 1} bits")
         self.max_distance = max_distance
-        self._masks = np.array([0] + [1 << bit for bit in range(BLOCK_BITS)], np.int64)
-        self.hashes = np.empty(0, np.uint64)
+        self.index = BlockIndex(np.empty(0, np.uint64))
         self.offsets = np.empty(0, np.int64)
-        self.orders = [np.empty(0, np.int32) for _ in range(BLOCKS)]  # rows by block value
-        self.starts = [np.zeros(BLOCK_VALUES + 1, np.int32) for _ in range(BLOCKS)]
         self._recent_hashes = np.empty(MERGE_AT, np.uint64)
         self._recent_offsets = np.empty(MERGE_AT, np.int64)
         self._recent_rows = 0
 
     def __len__(self) -> int:
         """Rows held, taken-back ones included until the next merge."""
-        return len(self.hashes) + self._recent_rows
+        return len(self.index) + self._recent_rows
 
     def add(self, coarse: int, offset: int) -> None:
         self._recent_hashes[self._recent_rows] = coarse
@@ -128,11 +116,9 @@ class NearRows:
 
     def offsets_near(self, coarse: int) -> list[int]:
         """The journal offsets of rows within max_distance bits, oldest first."""
-        value = np.uint64(coarse)
-        rows = np.concatenate([self._probe(block, value) for block in range(BLOCKS)])
-        rows = np.unique(rows[np.bitwise_count(self.hashes[rows] ^ value) <= self.max_distance])
+        rows = self.index.near(coarse, self.max_distance)
         recent = self._recent_hashes[:self._recent_rows]
-        fresh = np.flatnonzero(np.bitwise_count(recent ^ value) <= self.max_distance)
+        fresh = np.flatnonzero(np.bitwise_count(recent ^ np.uint64(coarse)) <= self.max_distance)
         found = np.concatenate([self.offsets[rows], self._recent_offsets[fresh]])
         return sorted(offset for offset in found.tolist() if offset != REMOVED)
 
@@ -142,40 +128,17 @@ class NearRows:
         recent = slice(0, self._recent_rows)
         self._recent_offsets[recent][(self._recent_offsets[recent] == offset)
                                      & (self._recent_hashes[recent] == value)] = REMOVED
-        key = int(value & BLOCK_MASK)  # block 0's table: the few rows sharing its value
-        rows = self.orders[0][self.starts[0][key]:self.starts[0][key + 1]]
-        rows = rows[(self.offsets[rows] == offset) & (self.hashes[rows] == value)]
+        _, rows = self.index.rows_with(0, block_keys(np.array([value]), 0))
+        rows = rows[(self.offsets[rows] == offset) & (self.index.hashes[rows] == value)]
         self.offsets[rows] = REMOVED
 
-    def _probe(self, block: int, value: np.uint64) -> np.ndarray:
-        """Rows whose block is within one bit of `value`'s."""
-        key = int((value >> np.uint64(block * BLOCK_BITS)) & BLOCK_MASK)
-        probes = key ^ self._masks
-        starts = self.starts[block]
-        return self.orders[block][_ranges(starts[probes], starts[probes + 1])]
-
     def _merge(self) -> None:
-        """Fold the recent rows in, drop taken-back ones and rebuild the block tables."""
-        hashes = np.concatenate([self.hashes, self._recent_hashes[:self._recent_rows]])
+        """Fold the recent rows in, drop taken-back ones and rebuild the index."""
+        hashes = np.concatenate([self.index.hashes, self._recent_hashes[:self._recent_rows]])
         offsets = np.concatenate([self.offsets, self._recent_offsets[:self._recent_rows]])
         alive = offsets != REMOVED
-        self.hashes, self.offsets = hashes[alive], offsets[alive]
-        for block in range(BLOCKS):
-            keys = ((self.hashes >> np.uint64(block * BLOCK_BITS)) & BLOCK_MASK).astype(np.uint16)
-            self.orders[block] = np.argsort(keys, kind="stable").astype(np.int32)
-            counts = np.bincount(keys, minlength=BLOCK_VALUES)
-            self.starts[block] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        self.index, self.offsets = BlockIndex(hashes[alive]), offsets[alive]
         self._recent_rows = 0
-
-
-def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """The indices start..stop-1 of every range, concatenated (most ranges are empty)."""
-    counts = stops - starts
-    total = int(counts.sum())
-    if not total:
-        return np.empty(0, np.int64)
-    firsts = np.repeat(starts - np.cumsum(counts) + counts, counts)
-    return firsts + np.arange(total)
 
 
 class KeptImages:
