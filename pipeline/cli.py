@@ -138,7 +138,8 @@ def label(root: Path, out: Path, words: Path | None, workers: int, **options: An
     top-level class. Writes OUT/train.txt, OUT/val.txt ("path label" lines), OUT/labels.txt,
     OUT/root.txt, OUT/duplicates.txt and OUT/conflicts.txt. Copies of one image (identical
     bytes, or near-identical perceptual hashes) always land on the same side; hashes are
-    cached in ROOT/.label-hashes.json by size and mtime.
+    cached in OUT/.label-cache.json (or --cache-dir) by path, size and mtime; nothing is
+    written into ROOT.
     """
     from pipeline.formats.urllist import read_words
     from pipeline.stages.label import label as run_label

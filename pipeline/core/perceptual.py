@@ -8,11 +8,15 @@ copy then matches its original).
 
 An image's view is hashed twice from one 32x32 DCT: a coarse 64-bit hash (the 8x8 lowest
 frequencies against their median, the classic pHash) that is indexed, and a fine 256-bit one
-(16x16) that confirms a match. Measured on 600 images of the project's synthetic sample
-(similar-looking figures, a hard negative set) the pair (coarse <= 10, fine <= 64) matched
-every JPEG q60 re-encode, 0.5x rescale and 3% crop (1.5% a side) of 200 of them and 199 of
-200 copies with a 5% white border, with 1 false pair among the 179,700 pairs of different
-images.
+(16x16) that confirms a match. The hashes see grey levels only, and on a picture with little
+in it (a flat field with a few shapes, a product shot on white, text on a plain background)
+their bits are decided by noise: so a match is confirmed by the view's colours too (8x8
+cells), and more strictly for a picture with little structure. Measured (BENCHMARKS.md,
+scripts/bench/dedup.py --precision): 0 false pairs among 203,203 pairs of 638 distinct
+images (400 hard negatives, 80 tiles of real photographs, 158 of the synthetic sample), and
+709 of 712 copies found (re-encoded at q60, rescaled 0.5x, cropped 3%, bordered 5%; of 20 real
+photographs and 158 sample images) - the same recall as the hashes alone, which made 108
+false pairs of them.
 
 Grouping uses multi-index hashing: a 64-bit hash split into 4 blocks of 16 bits; two hashes
 within distance d agree within d // 4 bits on at least one block (pigeonhole), so each block
@@ -25,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from itertools import combinations
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -38,6 +42,19 @@ FINE_SIDE = 16  # 16 x 16 = 256 bits, four uint64 words, to confirm
 FINE_WORDS = FINE_SIDE * FINE_SIDE // 64
 VIEW_DIGITS = 16 * (1 + FINE_WORDS)  # a view as hex: coarse, then fine
 DECODE_SIDE = 128  # JPEGs decode at the DCT scale that keeps this shorter side
+COLOUR_GRID = 8  # label compares colours in 8 x 8 cells
+COLOUR_BYTES = 3 * COLOUR_GRID * COLOUR_GRID
+# A copy's colours, measured on the sets of scripts/bench/dedup.py --precision: the cells of a
+# re-encode, 0.5x rescale, 3% crop or 5% border stayed within 41 levels and 6.6 on average;
+# hard negatives (flat fields with small shapes, product shots on white, sky, text on plain
+# backgrounds) that pass both hashes differed by 48 or more somewhere, or by 9 on average.
+COLOUR_WORST = 44  # levels (of 255) any cell's channel may differ by
+COLOUR_MEAN = 8.0  # levels, on average over the cells and channels
+# A picture with little structure (grey std under FLAT_STRUCTURE at 32 x 32: flat fields,
+# product shots, text) is a copy only with colours and fine hash closer still.
+FLAT_STRUCTURE = 12.0
+FLAT_COLOUR_WORST = 24
+FLAT_FINE = 40
 BLOCKS = 4
 BLOCK_BITS = 64 // BLOCKS
 BLOCK_VALUES = 1 << BLOCK_BITS
@@ -59,24 +76,72 @@ def _dct_matrix(n: int) -> np.ndarray:
 _DCT = _dct_matrix(HASH_SIDE)
 
 
-def hash_image(source: str | Path | bytes | BinaryIO) -> list[View]:
-    """The image's views' hashes: as stored, and trimmed when it has a uniform frame.
+class Signature(NamedTuple):
+    """One view of an image as `label` compares it: its hashes, its colour (the mean RGB of
+    COLOUR_GRID x COLOUR_GRID cells, row by row) and how much structure it has (the standard
+    deviation of its grey levels at HASH_SIDE x HASH_SIDE)."""
+
+    view: View
+    colour: bytes
+    structure: float
+
+
+def hash_image(source: str | Path | bytes | BinaryIO) -> list[Signature]:
+    """The signatures of an image's views: as stored, and trimmed when it has a uniform frame.
 
     Raises images.ImageDecodeError for an image that cannot be decoded.
     """
-    grey = decode_image(source, min_side=DECODE_SIDE).convert("L")
-    views = [hash_view(grey)]
+    return signatures(decode_image(source, min_side=DECODE_SIDE))
+
+
+def signatures(image: Image.Image) -> list[Signature]:
+    """hash_image's work on an image already decoded (at about DECODE_SIDE)."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    grey = rgb.convert("L")
+    boxes = [(0, 0, *grey.size)]
     box = _trim_box(np.asarray(grey, dtype=np.float32))
-    if box != (0, 0, *grey.size):
-        views.append(hash_view(grey.crop(box)))
-    return views
+    if box != boxes[0]:
+        boxes.append(box)
+    return [_signature(rgb.crop(box), grey.crop(box)) for box in boxes]
+
+
+def _signature(rgb: Image.Image, grey: Image.Image) -> Signature:
+    small = np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.BOX), dtype=np.float64)
+    return Signature(_hash_pixels(small), colour_cells(rgb, COLOUR_GRID), float(small.std()))
+
+
+def colour_cells(image: Image.Image, grid: int) -> bytes:
+    """The mean RGB of grid x grid cells, row by row: what tells apart pictures whose grey
+    structure is alike (a green field and a blue one)."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return rgb.resize((grid, grid), Image.BOX).tobytes()
+
+
+def signature_to_json(signature: Signature) -> list:
+    coarse, fine = signature.view
+    return [coarse, list(fine), signature.colour.hex(), round(signature.structure, 2)]
+
+
+def signature_from_json(value: list) -> Signature:
+    """The inverse of signature_to_json; ValueError (or TypeError) for anything else."""
+    coarse, fine, colour, structure = value
+    signature = Signature((int(coarse), tuple(int(word) for word in fine)),
+                          bytes.fromhex(colour), float(structure))
+    if len(signature.view[1]) != FINE_WORDS or len(signature.colour) != COLOUR_BYTES:
+        raise ValueError("not a signature")
+    return signature
 
 
 def hash_view(image: Image.Image) -> View:
     """The hashes of an image as it is (no frame trimming): for a caller that has decoded it
     already, best at the DECODE_SIDE scale."""
     grey = image if image.mode == "L" else image.convert("L")
-    pixels = np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.BOX), dtype=np.float64)
+    return _hash_pixels(np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.BOX),
+                                   dtype=np.float64))
+
+
+def _hash_pixels(pixels: np.ndarray) -> View:
+    """The coarse and fine hashes of HASH_SIDE x HASH_SIDE grey levels."""
     spectrum = _DCT @ pixels @ _DCT.T
     coarse = _bits(spectrum[:COARSE_SIDE, :COARSE_SIDE])
     fine = _bits(spectrum[:FINE_SIDE, :FINE_SIDE])
@@ -170,17 +235,21 @@ def _run(is_border: np.ndarray, length: int) -> int:
 
 
 class HashTable:
-    """Views of many images as arrays: `owner[k]` is the image view k belongs to."""
+    """Signatures of many images as arrays: `owner[k]` is the image signature k belongs to."""
 
-    def __init__(self, views_per_image: Iterable[list[View]]) -> None:
-        coarse, fine, owner = [], [], []
-        for image, views in enumerate(views_per_image):
-            for view_coarse, view_fine in views:
-                coarse.append(view_coarse)
-                fine.append(view_fine)
+    def __init__(self, signatures_per_image: Iterable[list[Signature]]) -> None:
+        coarse, fine, colour, structure, owner = [], [], [], [], []
+        for image, signatures in enumerate(signatures_per_image):
+            for signature in signatures:
+                coarse.append(signature.view[0])
+                fine.append(signature.view[1])
+                colour.append(signature.colour)
+                structure.append(signature.structure)
                 owner.append(image)
         self.coarse = np.array(coarse, dtype=np.uint64)
         self.fine = np.array(fine, dtype=np.uint64).reshape(-1, FINE_WORDS)
+        self.colour = np.frombuffer(b"".join(colour), np.uint8).reshape(-1, COLOUR_BYTES)
+        self.structure = np.array(structure, dtype=np.float32)
         self.owner = np.array(owner, dtype=np.int64)
 
 
@@ -256,13 +325,19 @@ def near_pairs(table: HashTable, coarse_distance: int, fine_distance: int) -> se
 
 def _confirmed(table: HashTable, left: np.ndarray, right: np.ndarray, coarse_distance: int,
                fine_distance: int) -> Iterable[tuple[int, int]]:
+    """The candidate pairs that are copies: close hashes, and close colours (strictly so
+    where either picture has little structure: its hash bits are decided by noise)."""
     owners_left, owners_right = table.owner[left], table.owner[right]
     keep = owners_left < owners_right
     left, right = left[keep], right[keep]
     keep = np.bitwise_count(table.coarse[left] ^ table.coarse[right]) <= coarse_distance
     left, right = left[keep], right[keep]
     fine = np.bitwise_count(table.fine[left] ^ table.fine[right]).sum(axis=1)
-    keep = fine <= fine_distance
+    colour = np.abs(table.colour[left].astype(np.int16) - table.colour[right])
+    worst, mean = colour.max(axis=1), colour.mean(axis=1)
+    flat = np.minimum(table.structure[left], table.structure[right]) < FLAT_STRUCTURE
+    keep = ((fine <= fine_distance) & (worst <= COLOUR_WORST) & (mean <= COLOUR_MEAN)
+            & (~flat | ((worst <= FLAT_COLOUR_WORST) & (fine <= FLAT_FINE))))
     return zip(table.owner[left[keep]].tolist(), table.owner[right[keep]].tolist(), strict=True)
 
 

@@ -55,6 +55,9 @@ class LabelOptions:
         "Copies found in several classes: drop them all, keep those of the first class (in "
         "label order), or keep every copy (on one side of the split). Listed in "
         "OUT/conflicts.txt either way; nothing is deleted."))
+    cache_dir: Path | None = option(None, type=Path, path="dir", help=(
+        "Where the hashes of the images are cached (by absolute path, size and mtime), so a "
+        "rerun hashes only new or changed files; never the input folder.  [default: OUT]"))
 
 
 @dataclass(frozen=True)

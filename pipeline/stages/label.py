@@ -22,7 +22,15 @@ from pipeline.core.errors import InputError
 from pipeline.core.fsutil import atomic_write_text
 from pipeline.core.images import ImageDecodeError, is_image_path
 from pipeline.core.parallel import imap
-from pipeline.core.perceptual import HashTable, View, components, hash_image, near_pairs
+from pipeline.core.perceptual import (
+    HashTable,
+    Signature,
+    components,
+    hash_image,
+    near_pairs,
+    signature_from_json,
+    signature_to_json,
+)
 from pipeline.core.progress import Progress
 from pipeline.core.stage_options import CROSS_CLASS, LABEL
 from pipeline.core.tables import format_table
@@ -36,7 +44,8 @@ from pipeline.formats.manifest import (
     write_root,
 )
 
-HASHES_NAME = ".label-hashes.json"  # in the dataset root: {path: [size, mtime_ns, sha, views]}
+CACHE_NAME = ".label-cache.json"  # in OUT, or in --cache-dir: what each image's hashing found
+CACHE_VERSION = 2
 FINE_DISTANCE = 64  # of 256 bits: confirms a coarse match (see pipeline/core/perceptual.py)
 
 
@@ -80,12 +89,13 @@ class _Images:
     paths: list[str]
     labels: list[int]
     digests: list[str] = field(default_factory=list)
-    views: list[list[View] | None] = field(default_factory=list)
+    views: list[list[Signature] | None] = field(default_factory=list)
 
 
 def label(root: Path, out: Path, *, val_ratio: float = LABEL.val_ratio, seed: int = LABEL.seed,
           words: dict[str, str] | None = None, near_distance: int = LABEL.near_distance,
-          cross_class: str = LABEL.cross_class, workers: int = 1) -> LabelReport:
+          cross_class: str = LABEL.cross_class, cache_dir: Path | None = LABEL.cache_dir,
+          workers: int = 1) -> LabelReport:
     """Write train/val manifests, the label map, root.txt, duplicates.txt and conflicts.txt
     for the class folders of `root`."""
     if not 0.0 <= val_ratio < 1.0:
@@ -104,7 +114,7 @@ def label(root: Path, out: Path, *, val_ratio: float = LABEL.val_ratio, seed: in
         report.ignored += ignored
     if not images.paths:
         raise InputError(f"no images under {root} (expected {root}/<class>/<image files>)")
-    _hash_all(root, images, workers, report)
+    _hash_all(root, images, (cache_dir or out) / CACHE_NAME, workers, report)
     groups = _groups(images, near_distance)
     dropped = _resolve_cross_class(out, images, groups, cross_class, report)
     split = _split(images, groups, dropped, val_ratio, seed)
@@ -147,32 +157,39 @@ def _raise_unreadable(error: OSError) -> None:
     raise InputError(f"cannot read folder {error.filename}: {error.strerror}")
 
 
-def _hash_all(root: Path, images: _Images, workers: int, report: LabelReport) -> None:
-    """SHA-256 and perceptual hashes of every image, in parallel, cached by size and mtime."""
-    cache_path = root / HASHES_NAME
+def _hash_all(root: Path, images: _Images, cache_path: Path, workers: int,
+              report: LabelReport) -> None:
+    """SHA-256 and perceptual signatures of every image, in parallel, cached by absolute path,
+    size and mtime with the outputs (never in the input folder: it may be read-only, or
+    shared)."""
     cache = _read_cache(cache_path)
-    signatures = [_signature(root / path) for path in images.paths]
-    todo = [i for i, path in enumerate(images.paths)
-            if cache.get(path, [None, None])[:2] != signatures[i]]
+    keys = [str((root / path).resolve()) for path in images.paths]
+    signatures = [_file_signature(Path(key)) for key in keys]
+    todo = [i for i, key in enumerate(keys)
+            if cache.get(key, {}).get("file") != signatures[i]]
     progress = Progress("label: hashing", total=len(todo))
-    jobs = (root / images.paths[i] for i in todo)
+    jobs = (Path(keys[i]) for i in todo)
     for i, (digest, views) in zip(todo, imap(hash_file, jobs, workers), strict=True):
-        cache[images.paths[i]] = [*signatures[i], digest, views]
+        cache[keys[i]] = {"file": signatures[i], "sha256": digest,
+                          "views": None if views is None else [signature_to_json(v)
+                                                               for v in views]}
         progress.update()
     progress.close()
     report.hashed = len(todo)
-    kept = {path: cache[path] for path in images.paths}
-    if todo or len(kept) != len(cache):
-        atomic_write_text(cache_path, json.dumps(kept))
-    for path in images.paths:
-        _, _, digest, views = kept[path]
-        images.digests.append(digest)
-        images.views.append(None if views is None else [(c, tuple(f)) for c, f in views])
+    if todo or len(cache) != len(set(keys)):
+        kept = {key: cache[key] for key in keys}
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_path, json.dumps({"version": CACHE_VERSION, "images": kept}))
+    for key in keys:
+        entry = cache[key]
+        images.digests.append(entry["sha256"])
+        images.views.append(None if entry["views"] is None
+                            else [signature_from_json(v) for v in entry["views"]])
     report.unhashable = sum(views is None for views in images.views)
 
 
-def hash_file(path: Path) -> tuple[str, list[View] | None]:
-    """SHA-256 and perceptual views of a file (None: undecodable), read once; runs in a
+def hash_file(path: Path) -> tuple[str, list[Signature] | None]:
+    """SHA-256 and perceptual signatures of a file (None: undecodable), read once; runs in a
     worker, and scripts/bench/dedup.py times it."""
     data = path.read_bytes()
     try:
@@ -182,17 +199,27 @@ def hash_file(path: Path) -> tuple[str, list[View] | None]:
     return hashlib.sha256(data).hexdigest(), views
 
 
-def _signature(path: Path) -> list[int]:
+def _file_signature(path: Path) -> list[int]:
     stat = path.stat()
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _read_cache(path: Path) -> dict[str, list]:
+def _read_cache(path: Path) -> dict[str, dict]:
+    """The cache's entries; an unreadable, foreign or older cache is empty (derived data:
+    everything is hashed again)."""
     try:
         cache = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+        images = cache["images"] if cache.get("version") == CACHE_VERSION else {}
+        return images if all(map(_readable, images.values())) else {}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
-    return cache if isinstance(cache, dict) else {}
+
+
+def _readable(entry: dict) -> bool:
+    """Raises (ValueError, TypeError, KeyError) for an entry this version cannot use."""
+    for view in entry["views"] or []:
+        signature_from_json(view)
+    return isinstance(entry["sha256"], str) and len(entry["file"]) == 2
 
 
 def _groups(images: _Images, near_distance: int) -> list[list[int]]:

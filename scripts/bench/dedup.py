@@ -7,23 +7,42 @@ the rate extrapolated to 10,000 and 100,000 images. Grouping runs on synthetic h
 near copies 0-10 coarse bits and 0-60 fine bits away): it must find every planted pair, and
 at --check images it is compared with brute force.
 
+--precision measures what the matcher gets right on real pictures instead: false pairs among
+distinct hard negatives (pipeline.testing.pictures: flat fields with small shapes, product
+shots on white, skies, text on plain backgrounds), tiles of real photographs (scikit-image's
+samples) and images of the synthetic sample; and copies found (re-encoded, rescaled, cropped,
+bordered) of the real photographs and of sample images. The same sets are measured with the
+hashes alone (no colour confirmation, as before) for comparison.
+
     python scripts/bench/dedup.py [--hash-images 600] [--sizes 10000 100000] [--workers 2]
+    python scripts/bench/dedup.py --precision [--per-kind 100] [--sample-images 175]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.parallel import imap  # noqa: E402
-from pipeline.core.perceptual import FINE_WORDS, HashTable, near_pairs  # noqa: E402
-from pipeline.core.stage_options import LABEL  # noqa: E402
-from pipeline.stages.label import FINE_DISTANCE, hash_file  # noqa: E402
-from pipeline.testing import make_sample  # noqa: E402
+from pipeline.core import perceptual
+from pipeline.core.parallel import imap
+from pipeline.core.perceptual import (
+    COLOUR_BYTES,
+    FINE_WORDS,
+    HashTable,
+    Signature,
+    hash_image,
+    near_pairs,
+)
+from pipeline.core.stage_options import LABEL
+from pipeline.stages.label import FINE_DISTANCE, hash_file
+from pipeline.testing import make_sample, pictures
 
 
 def time_hashing(images: int, workers: int) -> float:
@@ -53,7 +72,9 @@ def synthetic(count: int, share: float, rng: np.random.Generator) -> tuple[list,
         for bit in rng.choice(256, rng.integers(0, FINE_DISTANCE - 3), replace=False):
             fine[target, bit // 64] ^= np.uint64(1 << int(bit % 64))
         planted.add((int(source), int(target)))
-    views = [[(int(c), tuple(int(w) for w in f))] for c, f in zip(coarse, fine, strict=True)]
+    flat = bytes(COLOUR_BYTES)  # one colour and plenty of structure: the hashes decide
+    views = [[Signature((int(c), tuple(int(w) for w in f)), flat, 50.0)]
+             for c, f in zip(coarse, fine, strict=True)]
     return views, planted
 
 
@@ -67,6 +88,52 @@ def brute_force(table: HashTable) -> set[tuple[int, int]]:
     return found
 
 
+@contextlib.contextmanager
+def hashes_alone() -> Iterator[None]:
+    """The matcher as it was before colours confirmed a match (for comparison only)."""
+    saved = {name: getattr(perceptual, name) for name in
+             ("COLOUR_WORST", "COLOUR_MEAN", "FLAT_STRUCTURE")}
+    perceptual.COLOUR_WORST, perceptual.COLOUR_MEAN, perceptual.FLAT_STRUCTURE = 255, 255, 0
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(perceptual, name, value)
+
+
+def precision(per_kind: int, sample_images: int) -> None:
+    """False pairs among distinct pictures, and copies found, with and without colours."""
+    photos = pictures.photographs()
+    negatives = {kind: [hash_image(data) for data in images]
+                 for kind, images in pictures.hard_negatives(per_kind).items()}
+    negatives["photo tile"] = [hash_image(data) for data in pictures.tiles(photos)]
+    with tempfile.TemporaryDirectory() as folder:
+        make_sample.make_sample(Path(folder), classes=10, per_class=-(-sample_images // 10))
+        files = sorted((Path(folder) / "files").rglob("*.jpg"))[:sample_images]
+        sample = {f"sample {path.stem}": pictures.Image.open(path).convert("RGB")
+                  for path in files}
+    negatives["sample"] = [hash_image(pictures.jpeg(image, 95)) for image in sample.values()]
+    kinds = [kind for kind, views in negatives.items() for _ in views]
+    table = HashTable(views for group in negatives.values() for views in group)
+    originals = {**photos, **sample}
+    copies = [(hash_image(pictures.jpeg(image, 95)), how, hash_image(data))
+              for image in originals.values() for how, data in pictures.copies(image).items()]
+    pairs = len(kinds) * (len(kinds) - 1) // 2
+    print(f"precision: {len(kinds)} distinct images ({dict(Counter(kinds))}), {pairs:,} pairs; "
+          f"{len(copies)} copies of {len(photos)} real photographs and {len(sample)} sample "
+          "images")
+    for name, matcher in (("hashes + colours (now)", contextlib.nullcontext),
+                          ("hashes alone (before)", hashes_alone)):
+        with matcher():
+            false = near_pairs(table, LABEL.near_distance, FINE_DISTANCE)
+            found = Counter(how for original, how, copy in copies
+                            if near_pairs(HashTable([original, copy]), LABEL.near_distance,
+                                          FINE_DISTANCE))
+        by_kind = Counter(" / ".join(sorted({kinds[i], kinds[j]})) for i, j in false)
+        print(f"  {name}: {len(false)} false pair(s) {dict(by_kind)}; copies found "
+              f"{sum(found.values())}/{len(copies)} {dict(found)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hash-images", type=int, default=600)
@@ -74,7 +141,14 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.05, help="planted near copies")
     parser.add_argument("--check", type=int, default=3000, help="brute-force check size")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--precision", action="store_true",
+                        help="measure false pairs and copies found on real pictures instead")
+    parser.add_argument("--per-kind", type=int, default=100, help="hard negatives per kind")
+    parser.add_argument("--sample-images", type=int, default=175)
     args = parser.parse_args()
+    if args.precision:
+        precision(args.per_kind, args.sample_images)
+        return
     rng = np.random.default_rng(0)
 
     rate = time_hashing(args.hash_images, args.workers)

@@ -29,6 +29,7 @@ from pipeline.core.perceptual import (
     View,
     ViewSet,
     coarse_from_hex,
+    colour_cells,
     fine_distance,
     hash_view,
     view_from_hex,
@@ -74,8 +75,7 @@ class Fingerprint(NamedTuple):
         factor = min(image.size) // DECODE_SIDE
         small = image.reduce(factor) if factor > 1 else image
         rgb = small if small.mode == "RGB" else small.convert("RGB")
-        cells = rgb.resize((COLOUR_CELLS, COLOUR_CELLS), Image.BOX)
-        return cls(hash_view(rgb), cells.tobytes())
+        return cls(hash_view(rgb), colour_cells(rgb, COLOUR_CELLS))
 
     @classmethod
     def from_hex(cls, text: str) -> Fingerprint:
