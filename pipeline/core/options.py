@@ -70,7 +70,9 @@ def from_cli(cls: type[T], values: dict[str, Any], **extra: Any) -> T:
     for field in cli_fields(cls):
         value = values[field.name]
         spec: Cli = field.metadata["cli"]
-        if spec.parse is not None and value is not None:
+        if value is None and field.default is not MISSING:
+            value = field.default  # not given: the field's own default (click has None)
+        elif spec.parse is not None and value is not None:
             value = spec.parse(value)
         kwargs[field.name] = value
     return cls(**kwargs)
@@ -96,7 +98,7 @@ def _shown(default: Any, spec: Cli) -> Any:
     """The default as click holds it: a multiple option's is a tuple, a set's is sorted."""
     if spec.multiple or spec.nargs > 1:
         return tuple(default) if default else None
-    return default
+    return None if default == () else default  # a single value that parses into a tuple
 
 
 def _click_type(spec: Cli, default: Any) -> click.ParamType | type:

@@ -94,10 +94,11 @@ def hash_image(source: str | Path | bytes | BinaryIO) -> list[Signature]:
     return signatures(decode_image(source, min_side=DECODE_SIDE))
 
 
-def signatures(image: Image.Image) -> list[Signature]:
-    """hash_image's work on an image already decoded (at about DECODE_SIDE)."""
+def signatures(image: Image.Image, grey: Image.Image | None = None) -> list[Signature]:
+    """hash_image's work on an image already decoded (at about DECODE_SIDE; `grey`: its "L"
+    conversion when the caller has it)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    grey = rgb.convert("L")
+    grey = grey if grey is not None else rgb.convert("L")
     boxes = [(0, 0, *grey.size)]
     box = _trim_box(np.asarray(grey, dtype=np.float32))
     if box != boxes[0]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.errors import InputError
 from pipeline.core.options import option
 
 SIZE = 256  # images are packed and averaged at SIZE x SIZE; finetune resizes to it
@@ -40,6 +41,15 @@ class ValidateOptions:
         return self.report or root.parent / "validate.jsonl"
 
 
+def _quality_flags(text: str) -> tuple[str, ...]:
+    from pipeline.core.quality import parse_flags  # numpy: imported when used
+
+    try:
+        return parse_flags(text)
+    except ValueError as error:
+        raise InputError(f"--drop-quality: {error}") from None
+
+
 @dataclass(frozen=True)
 class LabelOptions:
     val_ratio: float = option(0.1, min=0.0, max=1.0, max_open=True, help=(
@@ -55,6 +65,11 @@ class LabelOptions:
         "Copies found in several classes: drop them all, keep those of the first class (in "
         "label order), or keep every copy (on one side of the split). Listed in "
         "OUT/conflicts.txt either way; nothing is deleted."))
+    drop_quality: tuple[str, ...] = option(
+        (), type=str, metavar="FLAG[,FLAG...]", parse=_quality_flags, help=(
+            "Leave images with these quality flags out of the manifests (listed in "
+            "OUT/quality.csv, never deleted): dark, bright, blurry, low_information, "
+            "odd_aspect, grayscale."))
     cache_dir: Path | None = option(None, type=Path, path="dir", help=(
         "Where the hashes of the images are cached (by absolute path, size and mtime), so a "
         "rerun hashes only new or changed files; never the input folder.  [default: OUT]"))

@@ -7,6 +7,8 @@ same way wherever it runs from. `pipeline label` writes them (pipeline/stages/la
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +17,15 @@ import numpy as np
 
 from pipeline.core.errors import InputError
 from pipeline.core.fsutil import atomic_write_text
+from pipeline.core.quality import Quality
 
 ROOT_FILE = "root.txt"
 LABELS_FILE = "labels.txt"
 DUPLICATES_FILE = "duplicates.txt"
 CONFLICTS_FILE = "conflicts.txt"
 CONFLICTS_HEADER = ("group", "how", "class", "path", "action")
+QUALITY_FILE = "quality.csv"
+QUALITY_HEADER = ("path", "class", "flags", "dropped", *Quality._fields)
 
 
 @dataclass(frozen=True)
@@ -176,3 +181,27 @@ def read_conflicts(out: Path) -> list[dict[str, str]]:
         raise InputError(f"{path}:1: expected the header {'<TAB>'.join(CONFLICTS_HEADER)} "
                          "(rerun `pipeline label`)")
     return [dict(zip(CONFLICTS_HEADER, line.split("\t"), strict=True)) for line in lines[1:]]
+
+
+def write_quality_table(out: Path, rows: list[tuple[str, str, list[str], bool, Quality]]) -> None:
+    """One row per image: its path, class, flags (space-separated), whether --drop-quality
+    left it out, and the measured values the flags were decided on."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(QUALITY_HEADER)
+    for path, klass, flags, dropped, quality in rows:
+        writer.writerow([path, klass, " ".join(flags), "yes" if dropped else "no", *quality])
+    atomic_write_text(out / QUALITY_FILE, buffer.getvalue())
+
+
+def read_quality_table(out: Path) -> list[dict[str, str]]:
+    """quality.csv's rows; [] when label wrote none (an older run)."""
+    path = out / QUALITY_FILE
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or tuple(rows[0]) != QUALITY_HEADER:
+        raise InputError(f"{path}:1: expected the header {','.join(QUALITY_HEADER)} (run "
+                         "`pipeline label` again)")
+    return [dict(zip(QUALITY_HEADER, row, strict=True)) for row in rows[1:]]

@@ -20,18 +20,20 @@ from pathlib import Path
 
 from pipeline.core.errors import InputError
 from pipeline.core.fsutil import atomic_write_text
-from pipeline.core.images import ImageDecodeError, is_image_path
+from pipeline.core.images import ImageDecodeError, decode_image, is_image_path
 from pipeline.core.parallel import imap
 from pipeline.core.perceptual import (
+    DECODE_SIDE,
     HashTable,
     Signature,
     components,
-    hash_image,
     near_pairs,
     signature_from_json,
     signature_to_json,
+    signatures,
 )
 from pipeline.core.progress import Progress
+from pipeline.core.quality import FLAGS, Quality, measure
 from pipeline.core.stage_options import CROSS_CLASS, LABEL
 from pipeline.core.tables import format_table
 from pipeline.formats.manifest import (
@@ -41,6 +43,7 @@ from pipeline.formats.manifest import (
     write_duplicates,
     write_labels,
     write_manifest,
+    write_quality_table,
     write_root,
 )
 
@@ -61,6 +64,8 @@ class LabelReport:
     cross_class_groups: int = 0
     cross_class_dropped: int = 0
     hashed: int = 0  # images hashed this run (the others came from the cache)
+    quality_flags: Counter[str] = field(default_factory=Counter)  # images per flag
+    quality_dropped: int = 0  # images left out by --drop-quality
     unhashable: int = 0  # images that could not be decoded (validate quarantines them)
 
     def summary(self) -> str:
@@ -76,6 +81,10 @@ class LabelReport:
                  f"{self.cross_class_groups} group(s) of copies across classes; "
                  f"{self.cross_class_dropped} file(s) left out of the manifests "
                  "(listed in conflicts.txt, still on disk)"]
+        flags = ", ".join(f"{flag} {self.quality_flags[flag]}" for flag in FLAGS
+                          if self.quality_flags[flag])
+        lines.append(f"quality flags: {flags or 'none'} (quality.csv); "
+                     f"{self.quality_dropped} image(s) left out by --drop-quality")
         if self.unhashable:
             lines.append(f"{self.unhashable} image(s) could not be decoded, compared by bytes "
                          "only (run `pipeline validate` first)")
@@ -90,12 +99,14 @@ class _Images:
     labels: list[int]
     digests: list[str] = field(default_factory=list)
     views: list[list[Signature] | None] = field(default_factory=list)
+    quality: list[Quality | None] = field(default_factory=list)
 
 
 def label(root: Path, out: Path, *, val_ratio: float = LABEL.val_ratio, seed: int = LABEL.seed,
           words: dict[str, str] | None = None, near_distance: int = LABEL.near_distance,
-          cross_class: str = LABEL.cross_class, cache_dir: Path | None = LABEL.cache_dir,
-          workers: int = 1) -> LabelReport:
+          cross_class: str = LABEL.cross_class,
+          drop_quality: tuple[str, ...] = LABEL.drop_quality,
+          cache_dir: Path | None = LABEL.cache_dir, workers: int = 1) -> LabelReport:
     """Write train/val manifests, the label map, root.txt, duplicates.txt and conflicts.txt
     for the class folders of `root`."""
     if not 0.0 <= val_ratio < 1.0:
@@ -117,6 +128,7 @@ def label(root: Path, out: Path, *, val_ratio: float = LABEL.val_ratio, seed: in
     _hash_all(root, images, (cache_dir or out) / CACHE_NAME, workers, report)
     groups = _groups(images, near_distance)
     dropped = _resolve_cross_class(out, images, groups, cross_class, report)
+    dropped |= _judge_quality(out, images, drop_quality, report)
     split = _split(images, groups, dropped, val_ratio, seed)
     _write_outputs(root, out, classes, split, report)
     write_duplicates(out, [group for group, _ in _described(images, groups)])
@@ -169,10 +181,11 @@ def _hash_all(root: Path, images: _Images, cache_path: Path, workers: int,
             if cache.get(key, {}).get("file") != signatures[i]]
     progress = Progress("label: hashing", total=len(todo))
     jobs = (Path(keys[i]) for i in todo)
-    for i, (digest, views) in zip(todo, imap(hash_file, jobs, workers), strict=True):
+    for i, (digest, views, quality) in zip(todo, imap(hash_file, jobs, workers), strict=True):
         cache[keys[i]] = {"file": signatures[i], "sha256": digest,
                           "views": None if views is None else [signature_to_json(v)
-                                                               for v in views]}
+                                                               for v in views],
+                          "quality": None if quality is None else list(quality)}
         progress.update()
     progress.close()
     report.hashed = len(todo)
@@ -185,18 +198,21 @@ def _hash_all(root: Path, images: _Images, cache_path: Path, workers: int,
         images.digests.append(entry["sha256"])
         images.views.append(None if entry["views"] is None
                             else [signature_from_json(v) for v in entry["views"]])
+        images.quality.append(None if entry["quality"] is None else Quality(*entry["quality"]))
     report.unhashable = sum(views is None for views in images.views)
 
 
-def hash_file(path: Path) -> tuple[str, list[Signature] | None]:
-    """SHA-256 and perceptual signatures of a file (None: undecodable), read once; runs in a
-    worker, and scripts/bench/dedup.py times it."""
+def hash_file(path: Path) -> tuple[str, list[Signature] | None, Quality | None]:
+    """SHA-256, perceptual signatures and quality measures of a file (None: undecodable),
+    from one read and one decode; runs in a worker, and scripts/bench/dedup.py times it."""
     data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        views = hash_image(data)
+        image = decode_image(data, min_side=DECODE_SIDE).convert("RGB")
     except ImageDecodeError:
-        views = None
-    return hashlib.sha256(data).hexdigest(), views
+        return digest, None, None
+    grey = image.convert("L")
+    return digest, signatures(image, grey), measure(image, grey)
 
 
 def _file_signature(path: Path) -> list[int]:
@@ -219,7 +235,8 @@ def _readable(entry: dict) -> bool:
     """Raises (ValueError, TypeError, KeyError) for an entry this version cannot use."""
     for view in entry["views"] or []:
         signature_from_json(view)
-    return isinstance(entry["sha256"], str) and len(entry["file"]) == 2
+    quality_ok = entry["quality"] is None or len(entry["quality"]) == len(Quality._fields)
+    return isinstance(entry["sha256"], str) and len(entry["file"]) == 2 and quality_ok
 
 
 def _groups(images: _Images, near_distance: int) -> list[list[int]]:
@@ -267,6 +284,26 @@ def _resolve_cross_class(out: Path, images: _Images, groups: list[list[int]], po
     report.cross_class_dropped = len(dropped)
     out.mkdir(parents=True, exist_ok=True)
     write_conflicts(out, rows)
+    return dropped
+
+
+def _judge_quality(out: Path, images: _Images, drop: tuple[str, ...],
+                   report: LabelReport) -> set[int]:
+    """Images left out by --drop-quality; quality.csv lists every decodable image with its
+    flags and measures."""
+    dropped: set[int] = set()
+    rows = []
+    for i, quality in enumerate(images.quality):
+        if quality is None:
+            continue
+        flags = quality.flags()
+        report.quality_flags.update(flags)
+        if set(flags) & set(drop):
+            dropped.add(i)
+        rows.append((images.paths[i], images.paths[i].split("/", 1)[0], flags, i in dropped,
+                     quality))
+    report.quality_dropped = len(dropped)
+    write_quality_table(out, rows)
     return dropped
 
 

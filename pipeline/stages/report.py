@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.core.errors import InputError
 from pipeline.core.fsutil import atomic_open, atomic_write_text
 from pipeline.core.images import ImageDecodeError
+from pipeline.core.quality import FLAGS
 from pipeline.formats import runfolder
 from pipeline.formats.journal import (
     JOURNAL_NAME,
@@ -43,6 +44,7 @@ from pipeline.formats.manifest import (
     read_duplicates,
     read_labels,
     read_manifest,
+    read_quality_table,
 )
 from pipeline.formats.packfile import is_packfile, manifest_of
 from pipeline.formats.urllist import HYPONYM_CONFLICTS_NAME, read_hyponym_conflicts
@@ -118,6 +120,7 @@ class QualityInfo:
     hyponym_conflicts: list[dict[str, str]]  # hyponym_conflicts.txt rows
     placeholders: int  # bodies listed in placeholders.txt
     placeholder_urls: int  # journal records with the outcome placeholder
+    flagged: list[dict[str, str]]  # quality.csv rows
 
 
 def read_quality(manifest_dir: Path, root: Path) -> QualityInfo:
@@ -129,7 +132,8 @@ def read_quality(manifest_dir: Path, root: Path) -> QualityInfo:
         read_hyponym_conflicts(hyponyms) if hyponyms.exists() else [],
         len(read_placeholders(digests)),
         sum(r["outcome"] == "placeholder" for r in read_journal(journal).values())
-        if journal.exists() else 0)
+        if journal.exists() else 0,
+        read_quality_table(manifest_dir))
 
 
 @dataclass
@@ -195,6 +199,8 @@ def build_report(run_dir: Path, *, compare: list[Path] | None = None,
         quality = read_quality(manifest_dir, classes.train.root)
         if quality.duplicates:
             plot_duplicates(quality, out / "duplicates.png")
+        if any(row["flags"] for row in quality.flagged):
+            plot_quality_flags(quality, out / "quality_flags.png")
         sections.append(_quality_section(quality, out))
     mean_png = mean_image or _mean_png(run.config)
     if mean_png is not None:
@@ -277,7 +283,23 @@ def _quality_section(quality: QualityInfo, out: Path) -> str:
     if quality.duplicates:
         body += _figure(f"The first {min(DUPLICATE_ROWS, len(quality.duplicates))} group(s) "
                         "of copies", out / "duplicates.png", "", out)
+    if any(row["flags"] for row in quality.flagged):
+        body += _quality_flags_table(quality.flagged)
+        body += _figure("A few images per quality flag", out / "quality_flags.png", "", out)
     return "<h2>Data quality</h2>" + body
+
+
+def _quality_flags_table(rows: list[dict[str, str]]) -> str:
+    """Images per class and flag (quality.csv), and how many --drop-quality left out."""
+    counts: dict[str, Counter[str]] = {}
+    for row in rows:
+        per_class = counts.setdefault(row["class"], Counter())
+        per_class.update(row["flags"].split())
+        per_class["left out"] += row["dropped"] == "yes"
+    shown = [flag for flag in (*FLAGS, "left out") if any(c[flag] for c in counts.values())]
+    table = [["class", *shown]] + [[klass, *(str(c[flag]) for flag in shown)]
+                                   for klass, c in sorted(counts.items())]
+    return "<p>Quality flags per class (quality.csv):</p>" + _table(table)
 
 
 def _evaluation_sections(evaluation: EvaluationInfo, out: Path) -> list[str]:
@@ -366,6 +388,27 @@ def plot_duplicates(quality: QualityInfo, path: Path) -> None:
                 _show(axes, quality.root / member)
                 axes.set_title(member.split("/", 1)[0], fontsize=7)
         axes_row[0].text(-0.1, 0.5, group.how, transform=axes_row[0].transAxes, rotation=90,
+                         ha="right", va="center", fontsize=7)
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def plot_quality_flags(quality: QualityInfo, path: Path) -> None:
+    """A row of thumbnails per flag raised, the flag's measured value under each."""
+    flagged = {flag: [row for row in quality.flagged if flag in row["flags"].split()]
+               for flag in FLAGS}
+    flags = [flag for flag in FLAGS if flagged[flag]]
+    figure, grid = _pyplot().subplots(len(flags), SAMPLES_PER_CLASS,
+                                      figsize=(SAMPLES_PER_CLASS * 1.3, len(flags) * 1.5),
+                                      squeeze=False)
+    for flag, axes_row in zip(flags, grid, strict=True):
+        for axes, row in zip(axes_row, flagged[flag] + [None] * SAMPLES_PER_CLASS,
+                             strict=False):
+            axes.axis("off")
+            if row is not None:
+                _show(axes, quality.root / row["path"])
+                axes.set_title(row["path"].split("/", 1)[0], fontsize=7)
+        axes_row[0].text(-0.1, 0.5, flag, transform=axes_row[0].transAxes, rotation=90,
                          ha="right", va="center", fontsize=7)
     figure.tight_layout()
     _save_figure(figure, path)
