@@ -288,13 +288,16 @@ def report(run_dir: Path, compare: tuple[Path, ...], out: Path | None, title: st
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
-              help="TorchScript (torch.jit.load, any image size) or ONNX (onnxruntime, a "
-                   "fixed size; needs the onnx extra).")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0],
+              show_default=True,
+              help="pt2: a torch.export program (torch.export.load(path).module()), any batch "
+                   "at a fixed size; torchscript: torch.jit.load, any size (deprecated by "
+                   "PyTorch, still loaded by LibTorch); onnx: onnxruntime, any batch at a fixed "
+                   "size (needs the onnx extra).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The file to write, e.g. model.pt or model.onnx.")
+              help="The file to write, e.g. model.pt2, model.pt or model.onnx.")
 @click.option("--size", type=click.IntRange(min=8),
-              help="ONNX only: the input height and width.  [default: the checkpoint's "
+              help="pt2 and ONNX: the input height and width.  [default: the checkpoint's "
                    "resize, the size `pipeline pack` wrote]")
 def export(checkpoint: Path, fmt: str, out: Path, size: int | None) -> None:
     """Export CHECKPOINT for serving: uint8 N x H x W x 3 RGB in, class probabilities out.

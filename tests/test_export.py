@@ -151,9 +151,56 @@ def test_onnx_at_the_pack_size_and_another_size_matches_predict(runs, tmp_path):
         paths = [write_image(tmp_path / f"{side}" / f"{i}.png", seed=i, fmt="PNG",
                              size=(side, side)) for i in range(5)]
         batch = torch.cat([served_input(p) for p in paths]).numpy()
-        served = session.run(None, {"images": batch})[0]
         expected = predicted(checkpoint, paths, wnids)
-        np.testing.assert_allclose(served, expected, atol=PROBABILITY_TOLERANCE)
+        four = session.run(None, {"images": batch[:4]})[0]
+        ones = np.concatenate([session.run(None, {"images": batch[i:i + 1]})[0]
+                               for i in range(len(batch))])
+        np.testing.assert_allclose(four, expected[:4], atol=PROBABILITY_TOLERANCE)
+        np.testing.assert_allclose(ones, expected, atol=PROBABILITY_TOLERANCE)
+        assert (ones.argmax(axis=1) == expected.argmax(axis=1)).all()
+
+
+SERVER = """
+import json, sys
+import numpy as np
+import torch
+sys.modules["pipeline"] = None  # this Python cannot import the package that exported it
+extra = {"pipeline.json": ""}
+model = torch.export.load(sys.argv[1], extra_files=extra).module()
+batch = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    together = model(batch[:4])
+    alone = torch.cat([model(batch[i:i + 1]) for i in range(len(batch))])
+print(json.dumps({"about": json.loads(extra["pipeline.json"]), "four": together.tolist(),
+                  "alone": alone.tolist()}))
+"""
+
+
+def test_pt2_is_the_default_and_serves_with_plain_torch(runs, tmp_path):
+    """A fine-tuned model exported as a torch.export program, loaded in a Python that cannot
+    import pipeline: a batch of 4 and single images give predict's probabilities and top-1."""
+    checkpoint = runs["channel"]
+    wnids = [c.wnid for c in inference_from(checkpoint, torch.device("cpu")).classes]
+    done = subprocess.run([sys.executable, "-m", "pipeline", "export", str(checkpoint),
+                           "--out", str(tmp_path / "model.pt2")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "N x 72 x 72 x 3" in done.stdout
+    paths = [write_image(tmp_path / "72" / f"{i}.png", seed=i, fmt="PNG", size=(72, 72))
+             for i in range(6)]
+    np.save(tmp_path / "batch.npy", torch.cat([served_input(p) for p in paths]).numpy())
+    served = subprocess.run([sys.executable, "-c", SERVER, str(tmp_path / "model.pt2"),
+                             str(tmp_path / "batch.npy")], capture_output=True, text=True,
+                            timeout=300)
+    assert served.returncode == 0, served.stderr[-2000:]
+    result = json.loads(served.stdout)
+    assert result["about"]["exported_as"] == "pt2"
+    assert [c["wnid"] for c in result["about"]["classes"]] == wnids
+    assert (result["about"]["input"]["height"], result["about"]["input"]["width"]) == (72, 72)
+    expected = predicted(checkpoint, paths, wnids)
+    np.testing.assert_allclose(result["four"], expected[:4], atol=PROBABILITY_TOLERANCE)
+    np.testing.assert_allclose(result["alone"], expected, atol=PROBABILITY_TOLERANCE)
+    assert (np.argmax(result["alone"], axis=1) == expected.argmax(axis=1)).all()
 
 
 def test_missing_onnx_packages_is_one_line_and_exit_2(runs, tmp_path):
@@ -163,7 +210,7 @@ def test_missing_onnx_packages_is_one_line_and_exit_2(runs, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: --format onnx needs onnxscript: pip install "
-                                   "'synset-pipeline[onnx]' (or export --format torchscript)")
+                                   "'synset-pipeline[onnx]' (or export --format pt2)")
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -16,7 +16,7 @@ from pipeline.core.errors import InputError
 from pipeline.core.options import option
 
 SIZE = 256  # images are packed and averaged at SIZE x SIZE; finetune resizes to it
-EXPORT_FORMATS = ("torchscript", "onnx")  # `pipeline export --format`
+EXPORT_FORMATS = ("pt2", "torchscript", "onnx")  # `pipeline export --format`, default first
 CROSS_CLASS = ("drop", "first", "keep")  # `pipeline label --cross-class`
 ENCODINGS = ("raw", "jpeg")  # `pipeline pack --encoding`: pixels, or JPEG bytes
 JPEG_QUALITY = 90  # `pipeline pack --quality`

@@ -4,10 +4,18 @@ The exported model takes what a server has at hand, decoded uint8 RGB images (N 
 and does the checkpoint's evaluation preprocessing inside: shorter side to the checkpoint's
 resize (bilinear, antialiased like Pillow's), centre crop, normalization with the checkpoint's
 own mean and std tensors. It returns class probabilities. The label map and the
-preprocessing description travel inside the same file (TorchScript extra file / ONNX
-metadata, key `pipeline.json`), so nothing has to be re-implemented, or kept beside it, by
-whoever serves it. The geometry is `preprocess.scaled_size` / `center_start`, the functions
-`predict` uses, compiled into the model.
+preprocessing description travel inside the same file (key `pipeline.json`: a torch.export
+or TorchScript extra file, ONNX metadata), so nothing has to be re-implemented, or kept
+beside it, by whoever serves it. The geometry is `preprocess.scaled_size` / `center_start`,
+the functions `predict` uses, compiled into the model.
+
+Formats: `pt2` (the default), a torch.export program: what PyTorch now serves, compiles
+(AOTInductor) and lowers (ExecuTorch) from; `torchscript`, deprecated by PyTorch but still
+loaded by torch.jit.load and LibTorch (C++), and the only one that takes any image size;
+`onnx` for onnxruntime. pt2 and ONNX take any batch size but a fixed height and width (the
+checkpoint's resize, or --size): tracing the resize arithmetic fixes which side is the
+shorter one and how sizes round, so a free height and width would be specialized to the
+example's anyway.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ METADATA_KEY = "pipeline.json"
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 # Exported and in-memory model must agree this closely on the self-check (float32 noise).
 SELF_CHECK_TOLERANCE = 1e-4
+MAX_BATCH = 4096  # the largest batch a pt2 program takes
 
 
 class ServingModel(nn.Module):
@@ -86,9 +95,9 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, size: int | None = Non
     """Write `out` (atomically) and check that it reproduces the in-memory model."""
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"unknown --format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")
-    if size is not None and fmt != "onnx":
-        raise InputError("--size fixes the ONNX input size; a TorchScript model takes any "
-                         "size: drop --size")
+    if size is not None and fmt == "torchscript":
+        raise InputError("--size fixes the input size of pt2 and ONNX models; a TorchScript "
+                         "model takes any size: drop --size")
     if fmt == "onnx":
         _require_onnx()
     inference = inference_from(checkpoint_path, torch.device("cpu"))
@@ -98,9 +107,9 @@ def export(checkpoint_path: Path, fmt: str, out: Path, *, size: int | None = Non
     text = json.dumps(metadata, indent=2)
     example = torch.randint(0, 256, (2, side, side, 3), dtype=torch.uint8,
                             generator=torch.Generator().manual_seed(0))
+    writers = {"pt2": _pt2, "torchscript": _torchscript, "onnx": _onnx}
     with torch.no_grad():
-        data = (_torchscript(module, text) if fmt == "torchscript"
-                else _onnx(module, example, text))
+        data = writers[fmt](module, example, text)
         _self_check(data, fmt, module, example)
     atomic_write_bytes(out, data)
     return Exported(out, fmt, metadata)
@@ -114,15 +123,25 @@ def _metadata(inference: Inference, source: Path, fmt: str, side: int) -> dict[s
         "checkpoint": str(source),
         "classes": checkpoint.classes_state(inference.classes),
         "input": {"dtype": "uint8", "layout": "NHWC", "channels": "RGB",
-                  "height": side if fmt == "onnx" else None,
-                  "width": side if fmt == "onnx" else None},
+                  "height": None if fmt == "torchscript" else side,
+                  "width": None if fmt == "torchscript" else side},
         "output": "probabilities, N x classes (softmax), classes in index order",
         "preprocessing": {**spec.to_state(), "eval_side": spec.eval_side,
                           "normalization": normalization.kind},
     }
 
 
-def _torchscript(module: ServingModel, metadata: str) -> bytes:
+def _pt2(module: ServingModel, example: torch.Tensor, metadata: str) -> bytes:
+    """A torch.export program with a free batch dimension; loads with
+    torch.export.load(path).module() and needs nothing of this package."""
+    program = torch.export.export(module, (example,), dynamic_shapes=(
+        {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={METADATA_KEY: metadata})
+    return buffer.getvalue()
+
+
+def _torchscript(module: ServingModel, example: torch.Tensor, metadata: str) -> bytes:
     buffer = io.BytesIO()
     with _no_jit_deprecation():
         torch.jit.save(torch.jit.script(module), buffer, _extra_files={METADATA_KEY: metadata})
@@ -157,7 +176,9 @@ def _onnx(module: ServingModel, example: torch.Tensor, metadata: str) -> bytes:
 def _self_check(data: bytes, fmt: str, module: ServingModel, example: torch.Tensor) -> None:
     """Run the exported bytes once: an exporter that silently changed the maths fails here."""
     expected = module(example).numpy()
-    if fmt == "torchscript":
+    if fmt == "pt2":
+        got = torch.export.load(io.BytesIO(data)).module()(example).numpy()
+    elif fmt == "torchscript":
         with _no_jit_deprecation():
             got = torch.jit.load(io.BytesIO(data))(example).numpy()
     else:
@@ -175,5 +196,5 @@ def _require_onnx() -> None:
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise InputError(f"--format onnx needs {', '.join(missing)}: pip install "
-                         "'synset-pipeline[onnx]' (or export --format torchscript)")
+                         "'synset-pipeline[onnx]' (or export --format pt2)")
 
