@@ -205,9 +205,9 @@ def layers(arch: str, freeze_until: str | None) -> None:
 def finetune(**options: Any) -> None:
     """Fine-tune a pretrained AlexNet/VGG with its lower layers frozen.
 
-    Writes OUT/log.csv (a line per epoch), OUT/checkpoint.pt (every epoch), OUT/best.pt,
-    OUT/config.json and OUT/metrics.json. Works under `torchrun --nproc_per_node=N -m
-    pipeline finetune ...` (DDP; gloo on CPU).
+    Writes OUT/log.csv (a line per epoch), OUT/checkpoint.pt (see --checkpoint-every),
+    OUT/best.pt, OUT/config.json and OUT/metrics.json. Works under `torchrun
+    --nproc_per_node=N -m pipeline finetune ...` (DDP; gloo on CPU).
     """
     from pipeline.stages.finetune import finetune as run_finetune
 
@@ -242,20 +242,23 @@ def evaluate(checkpoint: Path, data: Path, out: Path | None, **options: Any) -> 
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a CSV (path, class/name/probability per rank, error) instead of "
                    "lines.  [default with a folder: predictions.csv]")
-def predict(checkpoint: Path, images: tuple[Path, ...], out: Path | None, top_k: int) -> None:
+def predict(checkpoint: Path, images: tuple[Path, ...], out: Path | None,
+            **options: Any) -> None:
     """Classify IMAGES (files, or folders of them) with CHECKPOINT: top-k classes.
 
     Files alone print a line each. A folder (every image under it), or --out, writes a CSV
-    with progress; unreadable images are rows with an error there, not a failure.
+    with progress; unreadable images are rows with an error there, not a failure. Images
+    decode in --workers loader processes and run through the model in batches.
     """
     from pipeline.stages.evaluate import predict as run_predict
     from pipeline.stages.evaluate import predict_to_csv
 
+    settings = vars(from_cli(PredictOptions, options))
     if out is not None or any(path.is_dir() for path in images):
         click.echo(predict_to_csv(checkpoint, list(images), out or Path("predictions.csv"),
-                                  top_k).summary())
+                                  **settings).summary())
         return
-    predictions = run_predict(checkpoint, list(images), top_k)
+    predictions = run_predict(checkpoint, list(images), **settings)
     for prediction in predictions:
         click.echo(prediction.summary())
     failed = sum(1 for prediction in predictions if prediction.error)

@@ -75,3 +75,21 @@ def test_out_takes_files_too_and_an_empty_folder_is_one_line(checkpoint, tmp_pat
     assert done.returncode == 2
     assert done.stderr.startswith("error: empty holds no image files")
     assert done.stderr.strip().count("\n") == 0
+
+
+def test_batches_in_loader_workers_give_the_one_at_a_time_predictions(checkpoint, tmp_path):
+    """Batched (in worker processes, an unreadable file mid-batch) and one image at a time
+    agree image by image, in the order given."""
+    paths = [write_image(tmp_path / f"{i}.png", i, "PNG", size=(60 + 7 * i, 90 - 3 * i))
+             for i in range(11)]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    paths.insert(5, broken)
+    one_by_one = predict(checkpoint, paths, top_k=3, batch_size=1, workers=0)
+    batched = predict(checkpoint, paths, top_k=3, batch_size=4, workers=2)
+    assert [p.path for p in batched] == paths == [p.path for p in one_by_one]
+    assert batched[5].error and not batched[5].top
+    for alone, together in zip(one_by_one, batched, strict=True):
+        assert [wnid for _, wnid, _ in alone.top] == [wnid for _, wnid, _ in together.top]
+        assert [p for p, _, _ in alone.top] == pytest.approx([p for p, _, _ in together.top],
+                                                              abs=1e-5)

@@ -84,6 +84,9 @@ class EvaluateOptions:
 @dataclass(frozen=True)
 class PredictOptions:
     top_k: int = option(5, min=1, help="Classes listed per image.")
+    batch_size: int = option(64, min=1, help="Images per forward pass.")
+    workers: int = option(2, min=0, help="Loader processes decoding the images (0: in this "
+                                         "process).")
 
 
 VALIDATE = ValidateOptions()

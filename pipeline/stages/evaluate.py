@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core.errors import InputError
 from pipeline.core.fsutil import atomic_open, atomic_write_text
@@ -27,7 +28,7 @@ from pipeline.formats.manifest import ClassRecord, display_name
 from pipeline.ml.data import open_images
 from pipeline.ml.metrics import EvalResult, evaluate_loader, make_eval_loader
 from pipeline.ml.models import Inference, inference_from
-from pipeline.ml.preprocess import resize_center_crop
+from pipeline.ml.preprocess import InputSpec, resize_center_crop
 
 MISCLASSIFIED_SHOWN = 12  # in misclassified.png; misclassified.csv lists them all
 THUMBNAIL = 64
@@ -195,29 +196,67 @@ class Prediction:
                                             for p, wnid, name in self.top)
 
 
-def predict(checkpoint_path: Path, images: list[Path],
-            top_k: int = PREDICT.top_k) -> list[Prediction]:
+def predict(checkpoint_path: Path, images: list[Path], top_k: int = PREDICT.top_k, *,
+            batch_size: int = PREDICT.batch_size,
+            workers: int = PREDICT.workers) -> list[Prediction]:
     inference = inference_from(checkpoint_path, default_device())
-    return list(_predictions(inference, images, top_k))
+    return list(_predictions(inference, images, top_k, batch_size, workers))
+
+
+class _ImageFiles(Dataset):
+    """Image files decoded and cropped as evaluation does, in loader workers; a file that
+    cannot be read is its error, not a failure."""
+
+    def __init__(self, paths: list[Path], spec: InputSpec) -> None:
+        self.paths = np.array([str(path) for path in paths])  # shared pages after the fork
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            image = decode_image(Path(self.paths[index]), min_side=self.spec.decode_side)
+        except (ImageDecodeError, OSError) as exc:
+            return index, None, str(exc)
+        pixels = torch.from_numpy(self.spec.eval_pixels(image)).permute(2, 0, 1).contiguous()
+        return index, pixels, ""
+
+
+def _collate_files(samples: list[tuple[int, torch.Tensor | None, str]]
+                   ) -> tuple[list[int], torch.Tensor | None, list[str]]:
+    good = [pixels for _, pixels, _ in samples if pixels is not None]
+    return ([index for index, _, _ in samples], torch.stack(good) if good else None,
+            [error for _, _, error in samples])
 
 
 @torch.no_grad()
-def _predictions(inference: Inference, images: list[Path], top_k: int) -> Iterator[Prediction]:
-    """One prediction per image, as it is made (a folder of thousands streams to its CSV)."""
+def _predictions(inference: Inference, images: list[Path], top_k: int, batch_size: int,
+                 workers: int) -> Iterator[Prediction]:
+    """One prediction per image, in order, as each batch is made (a folder of thousands
+    streams to its CSV): files decode in loader workers while the model runs whole batches,
+    channels-last (oneDNN's fast layout for convolutions on CPU)."""
     device = next(inference.model.parameters()).device
+    model = inference.model.to(memory_format=torch.channels_last)
     k = min(top_k, len(inference.classes))
-    for path in images:
-        try:
-            image = decode_image(path, min_side=inference.spec.decode_side)
-        except (ImageDecodeError, OSError) as exc:
-            yield Prediction(path, [], str(exc))
-            continue
-        pixels = torch.from_numpy(inference.spec.eval_pixels(image)).permute(2, 0, 1)[None]
-        logits = inference.model(inference.normalization(pixels.to(device)))
-        probabilities, indices = logits.softmax(dim=1)[0].topk(k)
-        yield Prediction(path, [
-            (float(p), inference.classes[i].wnid, inference.classes[i].name)
-            for p, i in zip(probabilities.tolist(), indices.tolist(), strict=True)])
+    loader = DataLoader(_ImageFiles(images, inference.spec), batch_size=batch_size,
+                        num_workers=workers if len(images) > batch_size else 0,
+                        collate_fn=_collate_files)
+    for indices, pixels, errors in loader:
+        tops = iter(())
+        if pixels is not None:
+            inputs = inference.normalization(pixels.to(device))
+            logits = model(inputs.contiguous(memory_format=torch.channels_last))
+            probabilities, classes = logits.softmax(dim=1).topk(k)
+            tops = iter(zip(probabilities.tolist(), classes.tolist(), strict=True))
+        for index, error in zip(indices, errors, strict=True):
+            if error:
+                yield Prediction(images[index], [], error)
+                continue
+            top_p, top_i = next(tops)
+            yield Prediction(images[index], [
+                (float(p), inference.classes[i].wnid, inference.classes[i].name)
+                for p, i in zip(top_p, top_i, strict=True)])
 
 
 @dataclass(frozen=True)
@@ -233,7 +272,8 @@ class PredictionsFile:
 
 
 def predict_to_csv(checkpoint_path: Path, inputs: list[Path], out: Path,
-                   top_k: int = PREDICT.top_k) -> PredictionsFile:
+                   top_k: int = PREDICT.top_k, *, batch_size: int = PREDICT.batch_size,
+                   workers: int = PREDICT.workers) -> PredictionsFile:
     """Batch mode: files and folders (every image under them) into one CSV, with progress.
 
     An unreadable image is a row with its error, not a failure: in a folder of thousands a few
@@ -248,7 +288,7 @@ def predict_to_csv(checkpoint_path: Path, inputs: list[Path], out: Path,
         writer = csv.writer(handle)
         writer.writerow(["path", *(f"{column}_{rank}" for rank in range(1, k + 1)
                                    for column in ("class", "name", "probability")), "error"])
-        for prediction in _predictions(inference, images, k):
+        for prediction in _predictions(inference, images, k, batch_size, workers):
             top = [value for p, wnid, name in prediction.top for value in (wnid, name, f"{p:.6f}")]
             writer.writerow([str(prediction.path), *top, *[""] * (3 * k - len(top)),
                              prediction.error])

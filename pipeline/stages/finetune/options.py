@@ -67,6 +67,11 @@ class FinetuneConfig:
     workers: int = option(2, min=0, help="Loader processes.")
     out: Path = option(Path("runs/finetune"), path="dir", help="Run folder.")
     resume: bool = option(False, help="Continue the run in --out from its checkpoint.")
+    checkpoint_every: float = option(300.0, min=0, help=(
+        "Seconds between checkpoints (checkpoint.pt, for --resume); the best epoch (best.pt) "
+        "and the last one are always saved, 0 saves every epoch. An AlexNet checkpoint with "
+        "its optimizer is ~450 MB: with the feature cache an epoch can take less time than "
+        "writing it."))
     seed: int = option(0, help="Seed of initialisation, sampling and augmentation.")
     precision: str = option("fp32", choices=PRECISIONS, help=(
         "bf16 autocast on CPU/GPU, fp16 (+grad scaling) on CUDA."))

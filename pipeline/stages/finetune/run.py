@@ -93,7 +93,8 @@ def _train(config: FinetuneConfig, ranks: Ranks) -> dict[str, Any]:
             else _image_feed(parts, train_images, val_images))
 
     saver = RunSaver(config.out, RunIdentity(config.arch, train_images.classes, spec,
-                                             config.to_json()), config.tensorboard)
+                                             config.to_json()), config.tensorboard,
+                     every=config.checkpoint_every)
     if config.resume:
         saver.restore(state)
     first_epoch = state.epoch + 1
@@ -111,7 +112,7 @@ def _train(config: FinetuneConfig, ranks: Ranks) -> dict[str, Any]:
             last.update(val_loss=result.loss, val_top1=result.top1, val_top5=result.top5)
         step_scheduler(state.scheduler, result.top1 if result else None)
         if ranks.is_main:
-            _record(saver, state, epoch, last, result)
+            _record(saver, state, epoch, last, result, final=epoch == config.epochs)
 
     if not ranks.is_main:
         return {}
@@ -286,11 +287,11 @@ def _validate(parts: _Parts, feed: _Feed, classes: int) -> EvalResult | None:
 
 
 def _record(saver: RunSaver, state: TrainingState, epoch: int, row: dict[str, Any],
-            result: EvalResult | None) -> None:
+            result: EvalResult | None, *, final: bool) -> None:
     top1 = result.top1 if result else row["train_top1"]
     improved = top1 > state.best_top1
     state.epoch, state.best_top1 = epoch, max(state.best_top1, top1)
-    saver.record_epoch(row, state, improved)
+    saver.record_epoch(row, state, improved=improved, last=final)
     val = (f"val loss {result.loss:.4f} top1 {result.top1:.3f} top5 {result.top5:.3f}"
            if result else "no validation set")
     log.info("epoch %d: train loss %.4f top1 %.3f | %s | %.1f img/s, %d skipped%s", epoch,

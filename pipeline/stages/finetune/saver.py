@@ -1,5 +1,6 @@
 """The run folder's writer and reader, like timm's CheckpointSaver: config.json, log.csv (a
-line per epoch), checkpoint.pt (every epoch, atomic), best.pt (a hard link to the best epoch's
+line per epoch), checkpoint.pt (atomic; every --checkpoint-every seconds, and for the best and
+the last epoch), best.pt (a hard link to the best epoch's
 checkpoint, so no second write of a few hundred MB), metrics.json; with --tensorboard,
 log.csv's figures as TensorBoard scalars too. Saving a checkpoint and restoring it live here
 side by side, so what --resume reads is by construction what an epoch wrote."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,10 +57,14 @@ class RunIdentity:
 
 
 class RunSaver:
-    def __init__(self, path: Path, identity: RunIdentity,
-                 tensorboard: Path | None = None) -> None:
+    """`every`: seconds between checkpoints; the best and the last epoch are always saved."""
+
+    def __init__(self, path: Path, identity: RunIdentity, tensorboard: Path | None = None,
+                 every: float = 0.0) -> None:
         self.path = Path(path)
         self.identity = identity
+        self.every = every
+        self._saved_at = time.monotonic()
         self.checkpoint = self.path / runfolder.CHECKPOINT
         self.best = self.path / runfolder.BEST
         self.tensorboard_dir = tensorboard
@@ -92,14 +98,21 @@ class RunSaver:
 
             self._tensorboard = SummaryWriter(log_dir=str(self.tensorboard_dir))
 
-    def record_epoch(self, row: dict[str, Any], state: TrainingState, improved: bool) -> None:
-        """Log line first, then the checkpoint: a resume after a kill in between redoes the
-        epoch, which appends a second line for it (the last one counts)."""
+    def record_epoch(self, row: dict[str, Any], state: TrainingState, *, improved: bool,
+                     last: bool) -> bool:
+        """Log line first, then the checkpoint when it is due (the best epoch, the last one,
+        or `every` seconds after the previous one): a resume after a kill in between redoes
+        the epochs since, appending a second line for each (the last one counts). Whether a
+        checkpoint was written."""
         self._append_log(row)
         self._log_tensorboard(row)
-        checkpoint.save(self.checkpoint, self._payload(state))
+        due = improved or last or time.monotonic() - self._saved_at >= self.every
+        if due:
+            checkpoint.save(self.checkpoint, self._payload(state))
+            self._saved_at = time.monotonic()
         if improved:
             atomic_link(self.checkpoint, self.best)
+        return due
 
     def finish(self, metrics: dict[str, Any]) -> None:
         write_json(self.path / runfolder.METRICS, metrics)
