@@ -122,7 +122,8 @@ evaluate: $(RUNDIR)/eval-val/eval.json ## Evaluate best.pt on the validation set
 report: $(RUNDIR)/report.html ## Write $(RUNS)/$(RUN)/report.html
 
 clean: ## Remove derived data (manifests, mean, packs, runs); keeps downloaded images
-	rm -rf $(MANIFESTS)/*.txt $(DATA)/mean.* $(DATA)/*.h5 $(DATA)/.validated $(RUNS)
+	rm -rf $(MANIFESTS)/*.txt $(MANIFESTS)/quality.csv $(MANIFESTS)/.label-cache.json \
+	  $(DATA)/mean.* $(DATA)/*.h5 $(DATA)/.validated $(RUNS)
 
 distclean: clean ## Also remove downloaded images, quarantine, demo/ and .venv
 	rm -rf $(DATA)/raw $(DATA)/rejected $(DATA)/*.jsonl $(DATA)/.gathered $(DATA)/wnids.txt \
