@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from pipeline.core.errors import InputError
 from pipeline.stages.evaluate import predict
 from pipeline.stages.finetune import FinetuneConfig, finetune
 from pipeline.stages.label import label
@@ -93,3 +95,16 @@ def test_batches_in_loader_workers_give_the_one_at_a_time_predictions(checkpoint
         assert [wnid for _, wnid, _ in alone.top] == [wnid for _, wnid, _ in together.top]
         assert [p for p, _, _ in alone.top] == pytest.approx([p for p, _, _ in together.top],
                                                               abs=1e-5)
+
+
+def test_bf16_predicts_about_the_same_and_fp16_needs_a_gpu(checkpoint, tmp_path):
+    paths = [write_image(tmp_path / f"{i}.png", i, "PNG") for i in range(5)]
+    full = predict(checkpoint, paths, top_k=3, workers=0)
+    half = predict(checkpoint, paths, top_k=3, workers=0, precision="bf16")
+    for exact, rough in zip(full, half, strict=True):
+        by_class = {wnid: p for p, wnid, _ in rough.top}
+        for p, wnid, _ in exact.top:
+            assert abs(by_class.get(wnid, 0.0) - p) < 0.05
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="fp16 needs a CUDA GPU"):
+            predict(checkpoint, paths, precision="fp16")

@@ -7,6 +7,7 @@ inside `features` / `classifier`. `layer_table` is the one mapping between the t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import urllib.error
@@ -249,3 +250,11 @@ def describe_layers(arch: str, freeze_until: str | None = None) -> list[list[str
         rows.append([layer.name, " + ".join(module_names[id(m)] for m in layer.modules),
                      f"{params:,}", "yes" if layer.name in frozen else ""])
     return rows
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast, or nothing for fp32 (`--precision` of finetune and predict)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)

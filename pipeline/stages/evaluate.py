@@ -27,7 +27,7 @@ from pipeline.formats import runfolder
 from pipeline.formats.manifest import ClassRecord, display_name
 from pipeline.ml.data import open_images
 from pipeline.ml.metrics import EvalResult, evaluate_loader, make_eval_loader
-from pipeline.ml.models import Inference, inference_from
+from pipeline.ml.models import Inference, autocast, inference_from
 from pipeline.ml.preprocess import InputSpec, resize_center_crop
 
 MISCLASSIFIED_SHOWN = 12  # in misclassified.png; misclassified.csv lists them all
@@ -197,10 +197,17 @@ class Prediction:
 
 
 def predict(checkpoint_path: Path, images: list[Path], top_k: int = PREDICT.top_k, *,
-            batch_size: int = PREDICT.batch_size,
-            workers: int = PREDICT.workers) -> list[Prediction]:
-    inference = inference_from(checkpoint_path, default_device())
-    return list(_predictions(inference, images, top_k, batch_size, workers))
+            batch_size: int = PREDICT.batch_size, workers: int = PREDICT.workers,
+            precision: str = PREDICT.precision) -> list[Prediction]:
+    inference = _inference(checkpoint_path, precision)
+    return list(_predictions(inference, images, top_k, batch_size, workers, precision))
+
+
+def _inference(checkpoint_path: Path, precision: str) -> Inference:
+    device = default_device()
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    return inference_from(checkpoint_path, device)
 
 
 class _ImageFiles(Dataset):
@@ -232,7 +239,7 @@ def _collate_files(samples: list[tuple[int, torch.Tensor | None, str]]
 
 @torch.no_grad()
 def _predictions(inference: Inference, images: list[Path], top_k: int, batch_size: int,
-                 workers: int) -> Iterator[Prediction]:
+                 workers: int, precision: str) -> Iterator[Prediction]:
     """One prediction per image, in order, as each batch is made (a folder of thousands
     streams to its CSV): files decode in loader workers while the model runs whole batches,
     channels-last (oneDNN's fast layout for convolutions on CPU)."""
@@ -246,8 +253,9 @@ def _predictions(inference: Inference, images: list[Path], top_k: int, batch_siz
         tops = iter(())
         if pixels is not None:
             inputs = inference.normalization(pixels.to(device))
-            logits = model(inputs.contiguous(memory_format=torch.channels_last))
-            probabilities, classes = logits.softmax(dim=1).topk(k)
+            with autocast(precision, device):
+                logits = model(inputs.contiguous(memory_format=torch.channels_last))
+            probabilities, classes = logits.float().softmax(dim=1).topk(k)
             tops = iter(zip(probabilities.tolist(), classes.tolist(), strict=True))
         for index, error in zip(indices, errors, strict=True):
             if error:
@@ -273,14 +281,15 @@ class PredictionsFile:
 
 def predict_to_csv(checkpoint_path: Path, inputs: list[Path], out: Path,
                    top_k: int = PREDICT.top_k, *, batch_size: int = PREDICT.batch_size,
-                   workers: int = PREDICT.workers) -> PredictionsFile:
+                   workers: int = PREDICT.workers,
+                   precision: str = PREDICT.precision) -> PredictionsFile:
     """Batch mode: files and folders (every image under them) into one CSV, with progress.
 
     An unreadable image is a row with its error, not a failure: in a folder of thousands a few
     broken files are expected, and the CSV says which.
     """
     images = expand_images(inputs)
-    inference = inference_from(checkpoint_path, default_device())
+    inference = _inference(checkpoint_path, precision)
     k = min(top_k, len(inference.classes))
     progress = Progress("predict", total=len(images))
     count = failed = 0
@@ -288,7 +297,8 @@ def predict_to_csv(checkpoint_path: Path, inputs: list[Path], out: Path,
         writer = csv.writer(handle)
         writer.writerow(["path", *(f"{column}_{rank}" for rank in range(1, k + 1)
                                    for column in ("class", "name", "probability")), "error"])
-        for prediction in _predictions(inference, images, k, batch_size, workers):
+        for prediction in _predictions(inference, images, k, batch_size, workers,
+                                       precision):
             top = [value for p, wnid, name in prediction.top for value in (wnid, name, f"{p:.6f}")]
             writer.writerow([str(prediction.path), *top, *[""] * (3 * k - len(top)),
                              prediction.error])

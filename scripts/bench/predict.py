@@ -6,10 +6,10 @@ did before it batched: decode, crop, one forward pass, next image).
 The checkpoint is a real one: AlexNet at the usual 224 crop of a 256 resize, fine-tuned for
 one step by `pipeline finetune` on the offline sample (the weights do not change the speed).
 The images are the sample's JPEG and PNG files (320 x 300). Both runs are the whole command
-(start-up included), back to back after waiting for a quiet machine; the figure is the
-median of --repeat pairs' ratios.
+(start-up included), back to back after waiting for a quiet machine, in alternating order;
+the figures are medians over --repeat rounds. bf16 (`--precision bf16`) is measured too.
 
-    python scripts/bench/predict.py [--images 600] [--repeat 3] [--workdir /tmp/bench-predict]
+    python scripts/bench/predict.py [--images 2000] [--repeat 3] [--workdir /tmp/bench-predict]
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pipeline.testing import make_sample
 
 import benchlib
 
-WAYS = {"one at a time": ["--batch-size", "1", "--workers", "0"], "batched (default)": []}
+WAYS = {"one at a time": ["--batch-size", "1", "--workers", "0"], "batched (default)": [],
+        "batched bf16": ["--precision", "bf16"]}
 
 
 def prepare(workdir: Path, images: int) -> tuple[Path, Path]:
@@ -53,7 +54,7 @@ def run(checkpoint: Path, folder: Path, extra: list[str], out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-predict"))
     benchlib.add_quiet_arguments(parser)
@@ -62,23 +63,24 @@ def main() -> None:
     folder, checkpoint = prepare(args.workdir, args.images)
     count = sum(1 for path in folder.rglob("*.*") if path.suffix in (".jpg", ".png"))
     quiet = benchlib.quiet_from(args)
-    ratios, seconds = [], {name: [] for name in WAYS}
-    for pair in range(args.repeat):
-        order = list(WAYS) if pair % 2 == 0 else list(reversed(WAYS))
+    ratios: dict[str, list[float]] = {name: [] for name in list(WAYS)[1:]}
+    seconds: dict[str, list[float]] = {name: [] for name in WAYS}
+    for round_ in range(args.repeat):
+        order = list(WAYS) if round_ % 2 == 0 else list(reversed(WAYS))
         timed = {}
         for name in order:
             benchlib.wait_for_quiet(quiet)
             timed[name] = run(checkpoint, folder, WAYS[name], args.workdir / "out.csv")
             seconds[name].append(timed[name])
-        ratio = timed["one at a time"] / timed["batched (default)"]
-        ratios.append(ratio)
-        print(f"pair {pair + 1}: " + ", ".join(f"{name} {count / timed[name]:.0f} images/s "
-                                               f"({timed[name]:.1f} s)" for name in order)
-              + f" -> {ratio:.2f}x")
-    print(f"summary: {count} images, AlexNet 224 on CPU; batched "
-          f"{count / statistics.median(seconds['batched (default)']):.0f} images/s vs one at "
-          f"a time {count / statistics.median(seconds['one at a time']):.0f}: median of "
-          f"{len(ratios)} pairs {statistics.median(ratios):.2f}x (target >= 5x)")
+        for name in ratios:
+            ratios[name].append(timed["one at a time"] / timed[name])
+        print(f"round {round_ + 1}: " + ", ".join(
+            f"{name} {count / timed[name]:.0f} images/s ({timed[name]:.1f} s)" for name in order))
+    for name in WAYS:
+        rate = count / statistics.median(seconds[name])
+        ratio = (f", {statistics.median(ratios[name]):.2f}x one at a time (median of "
+                 f"{len(ratios[name])} rounds; target >= 5x)" if name in ratios else "")
+        print(f"summary {name}: {rate:.0f} images/s{ratio}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ reference `train_one_epoch`): the same loop trains from images and from cached f
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ from torch import nn
 
 from pipeline.core.progress import Progress
 from pipeline.ml.data import Batch
+from pipeline.ml.models import autocast
 
 
 @dataclass
@@ -28,14 +28,6 @@ class EpochStats:
     @property
     def top1(self) -> float:
         return self.correct / max(self.seen, 1)
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def train_one_epoch(net: nn.Module, batches: Iterable[Batch], *,

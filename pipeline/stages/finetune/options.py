@@ -10,12 +10,11 @@ from typing import Any
 
 from pipeline.core.errors import InputError
 from pipeline.core.options import option
-from pipeline.core.stage_options import SIZE
+from pipeline.core.stage_options import PRECISIONS, SIZE
 from pipeline.formats import runfolder
 from pipeline.ml.archs import ARCHS
 
 SCHEDULES = ("step", "cosine", "plateau")
-PRECISIONS = ("fp32", "bf16", "fp16")
 CACHE_DTYPES = ("fp16", "bf16", "fp32")
 DECODE_DEVICES = ("auto", "cpu", "cuda")
 

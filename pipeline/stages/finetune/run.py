@@ -25,6 +25,7 @@ from pipeline.ml.data import DecodedBatches, EpochSampler, is_jpeg_pack, make_lo
 from pipeline.ml.metrics import EvalResult, evaluate_loader
 from pipeline.ml.models import (
     LocalWeights,
+    autocast,
     build_model,
     check_arch,
     freeze,
@@ -37,7 +38,7 @@ from pipeline.ml.normalization import Normalization
 from pipeline.ml.preprocess import InputSpec
 from pipeline.stages.finetune.cache import CacheInfo, FeatureCache, features_to_input, split_model
 from pipeline.stages.finetune.distributed import Ranks, init_distributed, shutdown
-from pipeline.stages.finetune.loop import EpochStats, autocast, train_one_epoch
+from pipeline.stages.finetune.loop import EpochStats, train_one_epoch
 from pipeline.stages.finetune.optim import (
     current_lr,
     make_optimizer,
