@@ -20,7 +20,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core.errors import InputError
-from pipeline.ml.allocator import keep_freed_memory
 from pipeline.ml.data import DecodedBatches, EpochSampler, is_jpeg_pack, make_loader, open_images
 from pipeline.ml.metrics import EvalResult, evaluate_loader
 from pipeline.ml.models import (
@@ -59,7 +58,6 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         raise InputError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
     if config.decode_device == "cuda" and not torch.cuda.is_available():
         raise InputError("--decode-device cuda needs a CUDA GPU; use cpu (or auto)")
-    keep_freed_memory()
     ranks = init_distributed()
     try:
         return _train(config, ranks)
