@@ -12,7 +12,12 @@ from yarl import URL
 from pipeline.core.errors import InputError
 from pipeline.formats.urllist import UrlEntry
 from pipeline.stages.gather.hosts import HostBook, host_key, is_public
-from pipeline.stages.gather.http import _refused_redirect, opted_out, parse_retry_after
+from pipeline.stages.gather.http import (
+    _refused_redirect,
+    opted_out,
+    parse_retry_after,
+    tdm_reserved,
+)
 from pipeline.stages.gather.names import Answer, Resolver, parse_resolve
 from pipeline.stages.gather.options import GatherOptions
 from pipeline.stages.gather.schedule import Scheduler
@@ -37,6 +42,15 @@ def test_opt_out_directives_bare_or_addressed_to_us():
     assert not opted_out(["otherbot: noai"])
     assert not opted_out(["noindex, nofollow"])
     assert not opted_out([])
+
+
+def test_tdmrep_reservation_and_the_contact_in_the_user_agent():
+    assert tdm_reserved("1") and tdm_reserved(" 1 ")
+    assert not tdm_reserved("0") and not tdm_reserved(None) and not tdm_reserved("")
+    plain = GatherOptions().agent
+    assert plain.startswith("pipeline/") and "+" not in plain and "{" not in plain
+    assert "(image dataset builder; +ops@example.org; honours" in GatherOptions(
+        contact="ops@example.org").agent
 
 
 def test_resolve_takes_curl_forms_and_rejects_garbage():

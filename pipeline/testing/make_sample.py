@@ -502,7 +502,7 @@ KIND_OUTCOMES: dict[str, str] = {
     "html": "not_image", "mislabeled": "not_image", "truncated": "not_image",
     "huge": "too_large", "tiny": "too_small",
     "unavailable": "placeholder", "placeholder": "placeholder",
-    "noai": "opted_out", "duplicate": "duplicate",
+    "noai": "opted_out", "tdm": "opted_out", "duplicate": "duplicate",
 }
 KINDS: tuple[str, ...] = tuple(KIND_OUTCOMES)
 DEFAULT_MIX: dict[str, float] = {
@@ -518,7 +518,8 @@ _ROUTES = {
     "flaky": "flaky/503/1", "throttle": "throttle/1", "slow": f"slow/{SLOW_SECONDS}",
     "stall": "stall", "reset": "reset", "html": "html", "mislabeled": "mislabeled",
     "truncated": "truncated", "huge": f"huge/{HUGE_MB}", "unavailable": "unavailable",
-    "placeholder": "placeholder", "noai": "noai", "tiny": "tiny", "redirect": "redirect",
+    "placeholder": "placeholder", "noai": "noai", "tdm": "tdm", "tiny": "tiny",
+    "redirect": "redirect",
 }
 
 

@@ -158,6 +158,7 @@ class Mirror:
             web.get("/photo_unavailable.png", self._placeholder, name="photo_unavailable"),
             web.get(f"/placeholder/{tail}", self._placeholder, name="placeholder"),
             web.get(f"/noai/{tail}", self._noai, name="noai"),
+            web.get(f"/tdm/{tail}", self._tdm, name="tdm"),
             web.get(f"/tiny/{tail}", self._tiny, name="tiny"),
             web.get(r"/uniq/{k:\d+}/" + tail, self._uniq, name="uniq"),
             web.get("/stats", self._stats, name="stats"),
@@ -301,6 +302,11 @@ class Mirror:
 
     async def _noai(self, request: web.Request) -> web.Response:
         return self._image(request, headers={"X-Robots-Tag": "noai, noimageai"})
+
+    async def _tdm(self, request: web.Request) -> web.Response:
+        """W3C TDMRep: text and data mining rights reserved, with the policy's address."""
+        return self._image(request, headers={"tdm-reservation": "1",
+                                             "tdm-policy": "https://example.org/tdm.json"})
 
     async def _tiny(self, request: web.Request) -> web.Response:
         key = ("tiny", request.match_info["wnid"], request.match_info["file"],

@@ -194,6 +194,11 @@ async def _read_response(response: aiohttp.ClientResponse, options: GatherOption
     if options.honour_opt_out and opted_out(response.headers.getall("X-Robots-Tag", [])):
         return Attempt("opted_out", final=True, http_status=status,
                        error="X-Robots-Tag: " + ", ".join(response.headers.getall("X-Robots-Tag")))
+    if options.honour_opt_out and tdm_reserved(response.headers.get("tdm-reservation")):
+        policy = response.headers.get("tdm-policy")
+        return Attempt("opted_out", final=True, http_status=status,
+                       error="tdm-reservation: 1 (W3C TDMRep: text and data mining rights "
+                             "reserved" + (f"; policy {policy}" if policy else "") + ")")
     declared = response.content_length
     if declared is not None and declared > options.max_bytes:
         return Attempt("too_large", final=True, http_status=status,
@@ -276,6 +281,12 @@ def parse_retry_after(value: str | None) -> float | None:
 def is_placeholder_url(url: str) -> bool:
     lowered = url.lower()
     return any(marker in lowered for marker in PLACEHOLDER_URL_MARKERS)
+
+
+def tdm_reserved(value: str | None) -> bool:
+    """The W3C TDMRep header: `tdm-reservation: 1` reserves text and data mining rights (the
+    EU DSM Directive's Art. 4 opt-out); 0 or no header does not."""
+    return value is not None and value.strip() == "1"
 
 
 def opted_out(values: list[str]) -> bool:

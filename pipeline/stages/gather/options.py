@@ -15,7 +15,8 @@ from pipeline.core.options import option
 from pipeline.core.stage_options import VALIDATE
 from pipeline.formats.journal import JOURNAL_NAME, PLACEHOLDERS_NAME
 
-DEFAULT_USER_AGENT = f"pipeline/{__version__} (image dataset builder; honours X-Robots-Tag noai)"
+DEFAULT_USER_AGENT = (f"pipeline/{__version__} (image dataset builder{{contact}}; honours "
+                      "X-Robots-Tag noai and TDMRep)")
 MAX_DEFAULT_PROCESSES = 8
 HYPONYM_CONFLICTS = ("drop", "first")  # `--hyponym-conflicts`
 
@@ -93,7 +94,11 @@ class GatherOptions:
     min_size: int = option(VALIDATE.min_size, min=0, help=(
         "Images whose shorter side is smaller are dropped as too_small."))
     honour_opt_out: bool = option(True, flag="--honour-opt-out/--ignore-opt-out", help=(
-        "Drop images whose X-Robots-Tag says noai/noimageai (--ignore-opt-out keeps them)."))
+        "Drop images whose X-Robots-Tag says noai/noimageai, or whose TDMRep header "
+        "reserves text and data mining (tdm-reservation: 1), as opted_out "
+        "(--ignore-opt-out keeps them)."))
+    contact: str = option("", metavar="URL_OR_EMAIL", help=(
+        "How a site owner can reach whoever runs this gather: shown in the User-Agent."))
     placeholder_digests: frozenset[str] = option(
         frozenset(), flag="--placeholder", type=Path, path="existing-file", multiple=True,
         parse=_digests, help=(
@@ -108,7 +113,7 @@ class GatherOptions:
     backoff: float = 0.5
     max_retry_after: float = 60.0
     grace: float = 3.0  # seconds in-flight URLs get after Ctrl-C
-    user_agent: str = DEFAULT_USER_AGENT
+    user_agent: str = DEFAULT_USER_AGENT  # "{contact}" becomes "; +" and --contact, or nothing
 
     @property
     def journal_path(self) -> Path:
@@ -117,6 +122,11 @@ class GatherOptions:
     @property
     def placeholders_path(self) -> Path:
         return self.out / PLACEHOLDERS_NAME
+
+    @property
+    def agent(self) -> str:
+        """The User-Agent sent: the product token and version, and --contact when given."""
+        return self.user_agent.format(contact=f"; +{self.contact}" if self.contact else "")
 
     @property
     def worker_processes(self) -> int:

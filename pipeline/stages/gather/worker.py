@@ -85,7 +85,7 @@ async def _serve(conn: Connection, options: GatherOptions, per_host: int) -> Non
     tasks: set[asyncio.Task[None]] = set()
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                         headers={"User-Agent": options.user_agent}) as session:
+                                         headers={"User-Agent": options.agent}) as session:
             async def handle(request: Request) -> None:
                 outbox.put(await _fetch(session, resolver, pool, request, options, lag,
                                         made_up))
