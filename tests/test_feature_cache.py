@@ -112,9 +112,15 @@ def test_the_cache_is_reused_by_the_same_key_and_never_when_the_key_changes(
     first = finetune(config(dataset, tmp_path / "a", weights, cache_features=True,
                             cache_views=2))["feature_cache"]
     assert not first["reused"] and first["views"] == 2 and first["bytes"] > 0
+    # the build pays for itself after as many epochs as it took the frozen layers' time
+    per_epoch = first["trunk_seconds_per_epoch"]
+    assert per_epoch > 0 and first["break_even_epochs"] >= 1
+    epochs, slack = first["break_even_epochs"], 0.005 * first["break_even_epochs"]  # rounding
+    assert (epochs - 1) * per_epoch - slack < first["build_seconds"] <= epochs * per_epoch + slack
     again = finetune(config(dataset, tmp_path / "b", weights, cache_features=True,
                             cache_views=2, lr=0.005))["feature_cache"]
     assert again["reused"] and again["folder"] == first["folder"]
+    assert again["break_even_epochs"] == 0  # a reused cache costs nothing to build
     other_views = finetune(config(dataset, tmp_path / "c", weights, cache_features=True,
                                   cache_views=3))["feature_cache"]
     assert not other_views["reused"] and other_views["folder"] != first["folder"]

@@ -232,7 +232,8 @@ def _cache_note(cache: dict[str, Any] | None) -> str:
     if not cache:
         return "<p>Feature cache: not used (every epoch ran the frozen layers).</p>"
     how = ("reused from an earlier run" if cache["reused"]
-           else f"built in {cache['build_seconds']:.0f} s")
+           else f"built in {cache['build_seconds']:.0f} s, paid back after "
+                f"{cache.get('break_even_epochs', '?')} epoch(s)")
     return (f"<p>Feature cache: used ({cache['views']} views per image, {cache['dtype']}, "
             f"{cache['bytes'] / 2**20:.0f} MB, {html.escape(how)}); the frozen layers' work "
             f"it saved this run: about {cache['trunk_seconds_saved_estimate']:.0f} s.</p>")
