@@ -22,12 +22,11 @@ from pipeline.core.errors import InputError
 from pipeline.core.options import click_options, from_cli
 from pipeline.core.parallel import default_workers
 from pipeline.core.stage_options import (
-    ENCODINGS,
-    EXPORT_FORMATS,
-    JPEG_QUALITY,
     SIZE,
     EvaluateOptions,
+    ExportOptions,
     LabelOptions,
+    PackOptions,
     PredictOptions,
     ValidateOptions,
 )
@@ -167,26 +166,21 @@ def mean(manifest: Path, size: int, out: Path, workers: int) -> None:
 @cli.command()
 @click.argument("manifest", default=Path("manifests/train.txt"),
                 type=click.Path(path_type=Path))
-@SIZE_OPTION
+@click_options(PackOptions)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("data/train.h5"), show_default=True,
               help="The HDF5 file to write (with --shard-size, the shard set's index).")
-@click.option("--encoding", type=click.Choice(ENCODINGS), default=ENCODINGS[0],
-              show_default=True, help="raw: uint8 pixels (fastest to read); jpeg: JPEG bytes "
-                                      "at --quality (5-10x smaller, decoded by the loader).")
-@click.option("--quality", type=click.IntRange(1, 100), default=JPEG_QUALITY, show_default=True,
-              help="JPEG quality of --encoding jpeg.")
 @click.option("--shard-size", type=click.IntRange(min=1), metavar="N",
               help="Write shards of N manifest rows (OUT-00000.h5, ...) in parallel, plus OUT "
                    "as their index; an interrupted pack resumes at its unfinished shards.")
 @WORKERS_OPTION
-def pack(manifest: Path, size: int, out: Path, encoding: str, quality: int,
-         shard_size: int | None, workers: int) -> None:
+def pack(manifest: Path, out: Path, shard_size: int | None, workers: int,
+         **options: Any) -> None:
     """Pre-decode MANIFEST's images into HDF5 (raw pixels or JPEG; one file or shards)."""
     from pipeline.stages.pack import pack as run_pack
 
-    click.echo(run_pack(manifest, out, size=size, workers=workers, encoding=encoding,
-                        quality=quality, shard_size=shard_size).summary())
+    click.echo(run_pack(manifest, out, workers=workers, shard_size=shard_size,
+                        **vars(from_cli(PackOptions, options))).summary())
 
 
 @cli.command()
@@ -291,26 +285,20 @@ def report(run_dir: Path, compare: tuple[Path, ...], out: Path | None, title: st
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0],
-              show_default=True,
-              help="pt2: a torch.export program (torch.export.load(path).module()), any batch "
-                   "at a fixed size; torchscript: torch.jit.load, any size (deprecated by "
-                   "PyTorch, still loaded by LibTorch); onnx: onnxruntime, any batch at a fixed "
-                   "size (needs the onnx extra).")
+@click_options(ExportOptions)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The file to write, e.g. model.pt2, model.pt or model.onnx.")
-@click.option("--size", type=click.IntRange(min=8),
-              help="pt2 and ONNX: the input height and width.  [default: the checkpoint's "
-                   "resize, the size `pipeline pack` wrote]")
-def export(checkpoint: Path, fmt: str, out: Path, size: int | None) -> None:
+def export(checkpoint: Path, out: Path, **options: Any) -> None:
     """Export CHECKPOINT for serving: uint8 N x H x W x 3 RGB in, class probabilities out.
 
     The checkpoint's resize, centre crop and normalization run inside the model; the label
-    map rides in the file (key pipeline.json: TorchScript extra file, ONNX metadata).
+    map rides in the file (key pipeline.json: an extra file of the torch.export or TorchScript
+    archive, ONNX metadata).
     """
     from pipeline.stages.export import export as run_export
 
-    result = run_export(checkpoint, fmt, out, size=size)
+    settings = from_cli(ExportOptions, options)
+    result = run_export(checkpoint, settings.fmt, out, size=settings.size)
     shape = result.metadata["input"]
     height = shape["height"] or "H"
     width = shape["width"] or "W"

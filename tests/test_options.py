@@ -17,7 +17,9 @@ from pipeline.core.stage_options import (
     LABEL,
     SIZE,
     EvaluateOptions,
+    ExportOptions,
     LabelOptions,
+    PackOptions,
     PredictOptions,
     ValidateOptions,
 )
@@ -73,7 +75,8 @@ def test_makefile_uses_the_run_folder_layout():
 # -- each option written once: the command line is generated from the options dataclasses
 
 COMMANDS = {"gather": GatherOptions, "validate": ValidateOptions, "label": LabelOptions,
-            "finetune": FinetuneConfig, "evaluate": EvaluateOptions, "predict": PredictOptions}
+            "finetune": FinetuneConfig, "evaluate": EvaluateOptions, "predict": PredictOptions,
+            "pack": PackOptions, "export": ExportOptions}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -93,7 +93,43 @@ class PredictOptions:
         "probabilities move by about 1e-2); fp16 needs CUDA."))
 
 
+@dataclass(frozen=True)
+class PackOptions:
+    """How `pipeline pack` stores images: their size, and raw pixels or JPEG at a quality."""
+
+    size: int = option(SIZE, min=8, help=(
+        "Images are resized (shorter side) and center-cropped to SIZE x SIZE."))
+    encoding: str = option(ENCODINGS[0], choices=ENCODINGS, help=(
+        "raw: uint8 pixels (fastest to read); jpeg: JPEG bytes at --quality (5-10x smaller, "
+        "decoded by the loader)."))
+    quality: int = option(JPEG_QUALITY, min=1, max=100, help="JPEG quality of --encoding jpeg.")
+
+    def check(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise InputError(f"unknown --encoding {self.encoding!r}; one of "
+                             f"{', '.join(ENCODINGS)}")
+        if not 1 <= self.quality <= 100:
+            raise InputError(f"--quality {self.quality} is outside 1..100")
+
+    @property
+    def stored_quality(self) -> int | None:
+        return self.quality if self.encoding == "jpeg" else None
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    fmt: str = option(EXPORT_FORMATS[0], flag="--format", choices=EXPORT_FORMATS, help=(
+        "pt2: a torch.export program (torch.export.load(path).module()), any batch at a fixed "
+        "size; torchscript: torch.jit.load, any size (deprecated by PyTorch, still loaded by "
+        "LibTorch); onnx: onnxruntime, any batch at a fixed size (needs the onnx extra)."))
+    size: int | None = option(None, type=int, min=8, help=(
+        "pt2 and ONNX: the input height and width.  [default: the checkpoint's resize, the "
+        "size `pipeline pack` wrote]"))
+
+
 VALIDATE = ValidateOptions()
 LABEL = LabelOptions()
 EVALUATE = EvaluateOptions()
 PREDICT = PredictOptions()
+PACK = PackOptions()
+EXPORT = ExportOptions()

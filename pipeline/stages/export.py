@@ -36,7 +36,7 @@ from torch import nn
 
 from pipeline.core.errors import InputError
 from pipeline.core.fsutil import atomic_write_bytes
-from pipeline.core.stage_options import EXPORT_FORMATS
+from pipeline.core.stage_options import EXPORT, EXPORT_FORMATS
 from pipeline.formats import checkpoint
 from pipeline.ml.models import Inference, inference_from
 from pipeline.ml.preprocess import center_start, scaled_size
@@ -91,7 +91,8 @@ class Exported:
     metadata: dict[str, Any]
 
 
-def export(checkpoint_path: Path, fmt: str, out: Path, *, size: int | None = None) -> Exported:
+def export(checkpoint_path: Path, fmt: str, out: Path, *,
+           size: int | None = EXPORT.size) -> Exported:
     """Write `out` (atomically) and check that it reproduces the in-memory model."""
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"unknown --format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")

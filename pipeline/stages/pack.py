@@ -32,7 +32,7 @@ from pipeline.core.fsutil import TEMP_SUFFIX
 from pipeline.core.images import ImageDecodeError, decode_image
 from pipeline.core.parallel import chunks_in_flight, imap
 from pipeline.core.progress import Progress
-from pipeline.core.stage_options import ENCODINGS, JPEG_QUALITY, SIZE
+from pipeline.core.stage_options import PACK, PackOptions
 from pipeline.formats.manifest import ClassRecord, Manifest, read_labels, read_manifest
 from pipeline.formats.packfile import (
     LABELS,
@@ -75,28 +75,8 @@ class PackResult:
                 f"{len(self.failed)} failed")
 
 
-@dataclass(frozen=True)
-class PackOptions:
-    """How images are stored: their size, and raw pixels or JPEG at a quality."""
-
-    size: int = SIZE
-    encoding: str = "raw"
-    quality: int = JPEG_QUALITY
-
-    def check(self) -> None:
-        if self.encoding not in ENCODINGS:
-            raise InputError(f"unknown --encoding {self.encoding!r}; one of "
-                             f"{', '.join(ENCODINGS)}")
-        if not 1 <= self.quality <= 100:
-            raise InputError(f"--quality {self.quality} is outside 1..100")
-
-    @property
-    def stored_quality(self) -> int | None:
-        return self.quality if self.encoding == "jpeg" else None
-
-
-def pack(manifest_path: Path, out: Path, *, size: int = SIZE, workers: int = 1,
-         encoding: str = "raw", quality: int = JPEG_QUALITY,
+def pack(manifest_path: Path, out: Path, *, size: int = PACK.size, workers: int = 1,
+         encoding: str = PACK.encoding, quality: int = PACK.quality,
          shard_size: int | None = None) -> PackResult:
     """Write `out` atomically (with `shard_size`, a shard set indexed by `out`); images that
     fail to decode are left out and reported."""
