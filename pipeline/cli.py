@@ -22,10 +22,10 @@ from pipeline.core.errors import InputError
 from pipeline.core.options import click_options, from_cli
 from pipeline.core.parallel import default_workers
 from pipeline.core.stage_options import (
-    SIZE,
     EvaluateOptions,
     ExportOptions,
     LabelOptions,
+    MeanOptions,
     PackOptions,
     PredictOptions,
     ValidateOptions,
@@ -41,10 +41,6 @@ FINETUNE = FinetuneConfig(train=Path("."))  # the defaults, for `pipeline layers
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 WORKERS_OPTION = click.option("--workers", type=click.IntRange(min=1), default=default_workers,
                               show_default="all cores", help="Decoding processes.")
-SIZE_OPTION = click.option(
-    "--size", type=click.IntRange(min=8), default=SIZE, show_default=True,
-    help="Images are resized (shorter side) and center-cropped to SIZE x SIZE.")
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pipeline")
@@ -151,16 +147,17 @@ def label(root: Path, out: Path, words: Path | None, workers: int, **options: An
 @cli.command()
 @click.argument("manifest", default=Path("manifests/train.txt"),
                 type=click.Path(path_type=Path))
-@SIZE_OPTION
+@click_options(MeanOptions)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("data/mean.npy"), show_default=True,
               help="The .npy; .png, .json and .images.txt are written beside it.")
 @WORKERS_OPTION
-def mean(manifest: Path, size: int, out: Path, workers: int) -> None:
+def mean(manifest: Path, out: Path, workers: int, **options: Any) -> None:
     """Compute the mean image of MANIFEST's images (after training's resize/crop)."""
     from pipeline.stages.mean import compute_mean
 
-    click.echo(compute_mean(manifest, out, size=size, workers=workers).summary())
+    click.echo(compute_mean(manifest, out, workers=workers,
+                            **vars(from_cli(MeanOptions, options))).summary())
 
 
 @cli.command()

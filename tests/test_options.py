@@ -19,6 +19,7 @@ from pipeline.core.stage_options import (
     EvaluateOptions,
     ExportOptions,
     LabelOptions,
+    MeanOptions,
     PackOptions,
     PredictOptions,
     ValidateOptions,
@@ -76,7 +77,7 @@ def test_makefile_uses_the_run_folder_layout():
 
 COMMANDS = {"gather": GatherOptions, "validate": ValidateOptions, "label": LabelOptions,
             "finetune": FinetuneConfig, "evaluate": EvaluateOptions, "predict": PredictOptions,
-            "pack": PackOptions, "export": ExportOptions}
+            "pack": PackOptions, "export": ExportOptions, "mean": MeanOptions}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.core.errors import InputError
 from pipeline.core.options import option
@@ -93,12 +94,22 @@ class PredictOptions:
         "probabilities move by about 1e-2); fp16 needs CUDA."))
 
 
+def _size() -> Any:
+    """--size of mean and pack: one option, so the two agree."""
+    return option(SIZE, min=8, help=(
+        "Images are resized (shorter side) and center-cropped to SIZE x SIZE."))
+
+
+@dataclass(frozen=True)
+class MeanOptions:
+    size: int = _size()
+
+
 @dataclass(frozen=True)
 class PackOptions:
     """How `pipeline pack` stores images: their size, and raw pixels or JPEG at a quality."""
 
-    size: int = option(SIZE, min=8, help=(
-        "Images are resized (shorter side) and center-cropped to SIZE x SIZE."))
+    size: int = _size()
     encoding: str = option(ENCODINGS[0], choices=ENCODINGS, help=(
         "raw: uint8 pixels (fastest to read); jpeg: JPEG bytes at --quality (5-10x smaller, "
         "decoded by the loader)."))
@@ -131,5 +142,6 @@ VALIDATE = ValidateOptions()
 LABEL = LabelOptions()
 EVALUATE = EvaluateOptions()
 PREDICT = PredictOptions()
+MEAN = MeanOptions()
 PACK = PackOptions()
 EXPORT = ExportOptions()

@@ -20,7 +20,7 @@ from pipeline.core.fsutil import atomic_open, atomic_write_bytes, atomic_write_t
 from pipeline.core.images import ImageDecodeError
 from pipeline.core.parallel import imap
 from pipeline.core.progress import Progress
-from pipeline.core.stage_options import SIZE
+from pipeline.core.stage_options import MEAN
 from pipeline.formats.manifest import read_manifest
 from pipeline.ml.preprocess import square_image
 
@@ -64,7 +64,7 @@ class MeanResult:
                 "wrote " + ", ".join(str(p) for p in self.outputs))
 
 
-def compute_mean(manifest_path: Path, out: Path, *, size: int = SIZE,
+def compute_mean(manifest_path: Path, out: Path, *, size: int = MEAN.size,
                  workers: int = 1) -> MeanResult:
     """Write OUT (.npy), OUT.png, OUT.json and OUT.images.txt (the images actually used)."""
     manifest = read_manifest(manifest_path)
