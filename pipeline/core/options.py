@@ -19,7 +19,6 @@ import click
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
-PATH_KINDS = ("file", "dir", "existing-file", "any")
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Cli:
     max_open: bool = False
     min_open: bool = False
     choices: tuple[str, ...] = ()
-    path: str = "any"  # one of PATH_KINDS, for Path fields
+    path: str = "any"  # for Path fields: "file", "dir", "existing-file" or "any"
     metavar: str | None = None
     multiple: bool = False
     nargs: int = 1
@@ -95,7 +94,7 @@ def _click_option(field: dataclasses.Field[Any]) -> Callable[[F], F]:
 
 
 def _shown(default: Any, spec: Cli) -> Any:
-    """The default as click holds it: a multiple option's is a tuple, a set's is sorted."""
+    """The default as click holds it: a multiple option's is a tuple (or None when empty)."""
     if spec.multiple or spec.nargs > 1:
         return tuple(default) if default else None
     return None if default == () else default  # a single value that parses into a tuple

@@ -17,6 +17,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.core.errors import InputError
 from pipeline.core.fsutil import atomic_write_text
@@ -169,6 +170,33 @@ def _raise_unreadable(error: OSError) -> None:
     raise InputError(f"cannot read folder {error.filename}: {error.strerror}")
 
 
+class _Hashed(NamedTuple):
+    """What hashing one file found, as label's cache holds it: the file's size and mtime it
+    was found for, its SHA-256, its views' signatures and its quality (None: undecodable)."""
+
+    file: tuple[int, int]
+    sha256: str
+    views: list[Signature] | None
+    quality: Quality | None
+
+    def to_json(self) -> dict:
+        return {"file": list(self.file), "sha256": self.sha256,
+                "views": None if self.views is None else [signature_to_json(v)
+                                                          for v in self.views],
+                "quality": None if self.quality is None else list(self.quality)}
+
+    @classmethod
+    def from_json(cls, entry: dict) -> _Hashed:
+        """The inverse of to_json; ValueError, TypeError or KeyError for anything else."""
+        size, mtime = entry["file"]
+        if not isinstance(entry["sha256"], str):
+            raise TypeError("sha256 is not a string")
+        views = entry["views"]
+        return cls((int(size), int(mtime)), entry["sha256"],
+                   None if views is None else [signature_from_json(v) for v in views],
+                   None if entry["quality"] is None else Quality(*entry["quality"]))
+
+
 def _hash_all(root: Path, images: _Images, cache_path: Path, workers: int,
               report: LabelReport) -> None:
     """SHA-256 and perceptual signatures of every image, in parallel, cached by absolute path,
@@ -176,29 +204,24 @@ def _hash_all(root: Path, images: _Images, cache_path: Path, workers: int,
     shared)."""
     cache = _read_cache(cache_path)
     keys = [str((root / path).resolve()) for path in images.paths]
-    signatures = [_file_signature(Path(key)) for key in keys]
+    stats = [_size_and_mtime(Path(key)) for key in keys]
     todo = [i for i, key in enumerate(keys)
-            if cache.get(key, {}).get("file") != signatures[i]]
+            if key not in cache or cache[key].file != stats[i]]
     progress = Progress("label: hashing", total=len(todo))
     jobs = (Path(keys[i]) for i in todo)
-    for i, (digest, views, quality) in zip(todo, imap(hash_file, jobs, workers), strict=True):
-        cache[keys[i]] = {"file": signatures[i], "sha256": digest,
-                          "views": None if views is None else [signature_to_json(v)
-                                                               for v in views],
-                          "quality": None if quality is None else list(quality)}
+    for i, found in zip(todo, imap(hash_file, jobs, workers), strict=True):
+        cache[keys[i]] = _Hashed(stats[i], *found)
         progress.update()
     progress.close()
     report.hashed = len(todo)
     if todo or len(cache) != len(set(keys)):
-        kept = {key: cache[key] for key in keys}
+        kept = {key: cache[key].to_json() for key in keys}
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache_path, json.dumps({"version": CACHE_VERSION, "images": kept}))
     for key in keys:
-        entry = cache[key]
-        images.digests.append(entry["sha256"])
-        images.views.append(None if entry["views"] is None
-                            else [signature_from_json(v) for v in entry["views"]])
-        images.quality.append(None if entry["quality"] is None else Quality(*entry["quality"]))
+        images.digests.append(cache[key].sha256)
+        images.views.append(cache[key].views)
+        images.quality.append(cache[key].quality)
     report.unhashable = sum(views is None for views in images.views)
 
 
@@ -215,28 +238,20 @@ def hash_file(path: Path) -> tuple[str, list[Signature] | None, Quality | None]:
     return digest, signatures(image, grey), measure(image, grey)
 
 
-def _file_signature(path: Path) -> list[int]:
+def _size_and_mtime(path: Path) -> tuple[int, int]:
     stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+    return stat.st_size, stat.st_mtime_ns
 
 
-def _read_cache(path: Path) -> dict[str, dict]:
-    """The cache's entries; an unreadable, foreign or older cache is empty (derived data:
-    everything is hashed again)."""
+def _read_cache(path: Path) -> dict[str, _Hashed]:
+    """The cache's entries, parsed once; an unreadable, foreign or older cache is empty
+    (derived data: everything is hashed again)."""
     try:
         cache = json.loads(path.read_text(encoding="utf-8"))
         images = cache["images"] if cache.get("version") == CACHE_VERSION else {}
-        return images if all(map(_readable, images.values())) else {}
+        return {key: _Hashed.from_json(entry) for key, entry in images.items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
-
-
-def _readable(entry: dict) -> bool:
-    """Raises (ValueError, TypeError, KeyError) for an entry this version cannot use."""
-    for view in entry["views"] or []:
-        signature_from_json(view)
-    quality_ok = entry["quality"] is None or len(entry["quality"]) == len(Quality._fields)
-    return isinstance(entry["sha256"], str) and len(entry["file"]) == 2 and quality_ok
 
 
 def _groups(images: _Images, near_distance: int) -> list[list[int]]:
