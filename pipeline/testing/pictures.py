@@ -49,8 +49,8 @@ def product_shot(rng: np.random.Generator) -> Image.Image:
     image = Image.new("RGB", (200, 200), (255, 255, 255))
     radius = int(rng.integers(20, 70))
     x, y = (int(v) for v in rng.integers(70, 130, 2))
-    shape = ImageDraw.Draw(image).ellipse if rng.random() < 0.5 else ImageDraw.Draw(
-        image).rectangle
+    draw = ImageDraw.Draw(image)
+    shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
     shape([x - radius, y - radius, x + radius, y + radius], fill=_colour(rng))
     return image
 
