@@ -86,8 +86,10 @@ def test_stalling_servers_end_within_the_deadline_and_every_url_is_journaled(
     urls = write_list(tmp_path / "urls.txt", lines)
     deadline = 4.0
     started = time.monotonic()
+    # The images' own stalls: the hosts' robots.txt and tdmrep.json stall too (next test).
     report = gather_synsets(urls, [wnid], options(tmp_path / "raw", web, url_deadline=deadline,
-                                                  host_failures=10, retries=0))
+                                                  host_failures=10, retries=0,
+                                                  honour_robots=False, honour_opt_out=False))
     elapsed = time.monotonic() - started
     # Each stalled URL is bounded by its deadline; they run side by side: one deadline plus
     # start-up, far below the trickle's 250 s or the endless stream's forever.
@@ -107,13 +109,41 @@ def test_stalling_servers_end_within_the_deadline_and_every_url_is_journaled(
     assert not list((tmp_path / "raw").rglob("*.part"))
 
 
+def test_a_stalling_robots_txt_is_bounded_and_keeps_its_host_from_being_fetched(
+        sample, stalling_web, tmp_path):
+    """RFC 9309 2.3.1.4: a robots.txt that does not arrive means complete disallow; the
+    trickle ends at --min-rate, the endless stream at the deadline, side by side."""
+    web = stalling_web
+    wnid = sorted(p.name for p in (sample / "files").iterdir())[0]
+    _, trickle, blackhole, endless = web.hosts
+    name = images(sample, wnid)[0]
+    lines = [(f"{wnid}_{k}", f"{web.base_url(host)}/img/{wnid}/{name}?k={k}")
+             for k, host in enumerate((trickle, trickle, blackhole, endless, endless))]
+    urls = write_list(tmp_path / "urls.txt", lines)
+    deadline = 4.0
+    started = time.monotonic()
+    report = gather_synsets(urls, [wnid], options(tmp_path / "raw", web, url_deadline=deadline,
+                                                  host_failures=10, retries=0))
+    assert time.monotonic() - started < deadline + 6
+    journal = read_journal(tmp_path / "raw" / "gather.jsonl")
+    for k in (0, 1, 3, 4):
+        record = journal[f"{wnid}_{k}"]
+        assert record["outcome"] == "robots_unreachable" and not record["final"], record
+        assert record["error"].startswith("robots.txt unreachable")
+    assert "--min-rate" in journal[f"{wnid}_0"]["error"]
+    assert "--url-deadline" in journal[f"{wnid}_3"]["error"]
+    assert journal[f"{wnid}_2"]["outcome"] == "unreachable"  # no connection: the breaker's
+    assert report.hosts_robots_unreachable == 2
+
+
 def test_a_trickle_without_min_rate_still_ends_at_the_deadline(sample, stalling_web, tmp_path):
     web = stalling_web
     wnid = sorted(p.name for p in (sample / "files").iterdir())[0]
     url = f"{web.base_url(web.hosts[1])}/img/{wnid}/{images(sample, wnid)[0]}"
     urls = write_list(tmp_path / "urls.txt", [(f"{wnid}_1", url)])
     started = time.monotonic()
-    gather_synsets(urls, [wnid], options(tmp_path / "raw", web, url_deadline=2.0, min_rate=0))
+    gather_synsets(urls, [wnid], options(tmp_path / "raw", web, url_deadline=2.0, min_rate=0,
+                                         honour_robots=False, honour_opt_out=False))
     assert time.monotonic() - started < 2.0 + 5
     record = read_journal(tmp_path / "raw" / "gather.jsonl")[f"{wnid}_1"]
     assert record["outcome"] == "timeout" and "--url-deadline" in record["error"]
@@ -156,9 +186,10 @@ def test_many_hostnames_per_host_limit_and_dead_hosts_cost_a_few_attempts(
         assert by_host[host.name] == {"ok": 8}
         assert after[host.name]["max_open"] <= per_host  # counted by the server
     assert max(after[h.name]["max_open"] for h in alive) == per_host  # the limit was reached
-    # 160 photos, and a made-up path per host and worker (what it answers for a lost photo).
+    # 160 photos, robots.txt and tdmrep.json once per host, and a made-up path per host and
+    # worker (what it answers for a lost photo).
     requests = sum(after[h.name]["requests"] - before[h.name]["requests"] for h in alive)
-    assert 160 + len(alive) <= requests <= 160 + 2 * len(alive)
+    assert 160 + 3 * len(alive) <= requests <= 160 + 4 * len(alive)
     for host in web.hosts:
         if host.behaviour == "alive":
             continue
@@ -228,10 +259,10 @@ def test_ctrl_c_journals_what_is_in_flight_prints_the_summary_and_resumes(
     assert "interrupted by SIGINT" in stdout and "Traceback" not in stderr
     assert f"{wnid}" in stdout and "total" in stdout  # the summary table
     records = read_journal(journal)
-    # Every URL handed out is journaled; the trickling host, never having answered, had two
-    # in flight (its probe) and its third URL was not tried yet (the re-run does).
-    assert set(records) == {image_id for image_id, _ in lines} - {f"{wnid}_102"}
-    for k in range(100, 102):
+    # Every URL handed out is journaled; the trickling host had one in flight (asking for its
+    # robots.txt, which it trickles) and its other URLs were not tried yet (the re-run does).
+    assert set(records) == {image_id for image_id, _ in lines} - {f"{wnid}_101", f"{wnid}_102"}
+    for k in range(100, 101):
         record = records[f"{wnid}_{k}"]
         assert record["outcome"] == "interrupted" and not record["final"]
 
@@ -278,7 +309,8 @@ def test_urls_go_out_byte_for_byte_as_the_list_holds_them(sample, tmp_path):
         urls = tmp_path / "urls.txt"
         urls.write_bytes(b"\xef\xbb\xbf" + b"".join(raw))
         gather_synsets(urls, ["n1"], GatherOptions(out=tmp_path / "raw", processes=1))
-    assert sorted(seen) == ["/%C3%A9%20x.jpg", "/a%20b.jpg", "/caf%E9.jpg"]
+    assert sorted(seen) == ["/%C3%A9%20x.jpg", "/.well-known/tdmrep.json", "/a%20b.jpg",
+                            "/caf%E9.jpg", "/robots.txt"]
     journal = read_journal(tmp_path / "raw" / "gather.jsonl")
     assert journal["n1_1"]["url"].endswith("/caf%E9.jpg")
 

@@ -27,12 +27,14 @@ PLACEHOLDERS_NAME = "placeholders.txt"  # bodies found to be placeholders, besid
 # too_large, too_small, placeholder, duplicate, opted_out, blocked_redirect. Transient (tried
 # again by the next run): timeout, unreachable (refused, TLS, no route), http_error (5xx, 429),
 # host_down (not requested: its host failed too often), host_not_found (not requested: its
-# name did not resolve), interrupted (Ctrl-C).
+# name did not resolve), robots_unreachable (not requested: its host's robots.txt answered 5xx,
+# which RFC 9309 reads as "disallow everything for now"), interrupted (Ctrl-C). New outcomes
+# go at the end: a journal index codes an outcome by its place here.
 OUTCOMES = ("ok", "dead", "http_error", "timeout", "unreachable", "host_down", "host_not_found",
             "interrupted", "not_image", "too_large", "too_small", "placeholder", "duplicate",
-            "opted_out", "blocked_redirect")
+            "opted_out", "blocked_redirect", "robots_unreachable")
 ALWAYS_TRANSIENT = frozenset({"timeout", "unreachable", "host_down", "host_not_found",
-                              "interrupted"})
+                              "interrupted", "robots_unreachable"})
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 

@@ -46,6 +46,7 @@ CACHE_BYTES = 256 * 2**20
 SHUTDOWN_GRACE = 0.5
 CHUNK = 64 * 1024
 TRUNCATE_FRACTION = 0.6
+SITE_ROUTES = frozenset({"robots", "tdmrep"})  # site-wide files, counted per host name
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -128,8 +129,12 @@ class Mirror:
     """The web application: one handler per fault, all driven by the URL path."""
 
     def __init__(self, root: Path, *, latency: float = 0.0,
-                 max_requests: int = 1_000_000) -> None:
+                 max_requests: int = 1_000_000,
+                 site_files: dict[str, dict[str, tuple[int, str]]] | None = None) -> None:
         self.root = Path(root)
+        # Per host name (the Host header, "*" for any other), what a site-wide file answers:
+        # {"/robots.txt": (200, "User-agent: *\nDisallow: /private/")}; 404 when not listed.
+        self.site_files = site_files or {}
         if not (self.root / "files").is_dir():
             raise FileNotFoundError(f"{self.root / 'files'} does not exist (run make_sample.py)")
         self.latency = latency
@@ -143,6 +148,7 @@ class Mirror:
         tail = "{wnid}/{file}"
         app.add_routes([
             web.get(f"/img/{tail}", self._img, name="img"),
+            web.get(f"/private/{tail}", self._img, name="private"),  # for robots.txt rules
             web.get(r"/status/{code:\d{3}}/" + tail, self._status, name="status"),
             web.get(r"/flaky/{code:\d{3}}/{n:\d+}/" + tail, self._flaky, name="flaky"),
             web.get(r"/throttle/{n:\d+}/" + tail, self._throttle, name="throttle"),
@@ -161,6 +167,8 @@ class Mirror:
             web.get(f"/tdm/{tail}", self._tdm, name="tdm"),
             web.get(f"/tiny/{tail}", self._tiny, name="tiny"),
             web.get(r"/uniq/{k:\d+}/" + tail, self._uniq, name="uniq"),
+            web.get("/robots.txt", self._site_file, name="robots"),
+            web.get("/.well-known/tdmrep.json", self._site_file, name="tdmrep"),
             web.get("/stats", self._stats, name="stats"),
         ])
         return app
@@ -171,7 +179,9 @@ class Mirror:
         route = request.match_info.route.name or "unmatched"
         if route == "stats":
             return await handler(request)
-        if self.counters.count(route, request.path_qs) > self.max_requests:
+        # A site-wide file is counted per host name: each name is a site of its own.
+        path = request.host + request.path_qs if route in SITE_ROUTES else request.path_qs
+        if self.counters.count(route, path) > self.max_requests:
             self.stop.set()
             return web.Response(status=503, text=html_page("503 Request limit reached"),
                                 content_type="text/html")
@@ -318,6 +328,14 @@ class Mirror:
         data = jpeg_with_comment(self._file(request), f"uniq {request.match_info['k']}")
         return web.Response(body=data, content_type="image/jpeg")
 
+    async def _site_file(self, request: web.Request) -> web.Response:
+        """robots.txt or tdmrep.json as set for the requested host name (`site_files`)."""
+        name = request.host.rpartition(":")[0] or request.host
+        files = self.site_files.get(name, self.site_files.get("*", {}))
+        status, text = files.get(request.path, (404, html_page("404 Not Found")))
+        content_type = "application/json" if request.path.endswith(".json") else "text/plain"
+        return web.Response(status=status, text=text, content_type=content_type)
+
     async def _stats(self, request: web.Request) -> web.Response:
         """`?paths=1` adds the per-path counts (large on a big run)."""
         return web.json_response(self.counters.snapshot(paths="paths" in request.query))
@@ -410,12 +428,14 @@ def serve_in_process(root: Path, *, latency: float = 0.0, max_seconds: float = 3
 
 @contextlib.contextmanager
 def serve_in_thread(root: Path, *, latency: float = 0.0, max_seconds: float = 120,
-                    max_requests: int = 100_000) -> Iterator[MirrorHandle]:
+                    max_requests: int = 100_000,
+                    site_files: dict[str, dict[str, tuple[int, str]]] | None = None
+                    ) -> Iterator[MirrorHandle]:
     """Run a mirror on a free port in a daemon thread with its own event loop, for tests.
 
     The server is stopped and the thread joined on exit, exceptions included.
     """
-    mirror = Mirror(root, latency=latency, max_requests=max_requests)
+    mirror = Mirror(root, latency=latency, max_requests=max_requests, site_files=site_files)
 
     async def run(ready: Callable[[str], None]) -> None:
         await serve(mirror, "127.0.0.1", 0, max_seconds, ready)

@@ -11,6 +11,8 @@ attempt per URL, and blames a host only for the host's own failures:
   together), one the worker marks as ours (its event loop lagged, or the error is local: no
   file descriptors, no local port, no route), and any failure while the trouble looks local
   (`LocalTrouble`: many unrelated sites failing at once while nobody answers).
+- A host's policy files (robots.txt, tdmrep.json: `consent`) are asked for by its first URL,
+  alone in flight; its other URLs wait for the answer (`needs_policy`, `set_policy`).
 - Until it has answered once, a host gets PROBE_AT_ONCE attempts at once (its probe). After
   `host_failures` failures in a row the breaker opens: the host's URLs wait, and `down_after`
   seconds after the first of those failures one URL is tried again (half-open). Only if that
@@ -37,10 +39,13 @@ import ipaddress
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from pipeline.stages.gather.names import Answer, Pin, is_ip, name_of, pinned_address
+
+if TYPE_CHECKING:
+    from pipeline.stages.gather.consent import SitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +119,18 @@ class HostState:
     deviation: float = 0.0  # its mean deviation
     last_error: str = ""
     addresses: tuple[str, ...] | None = None  # None: not resolved yet; (): the worker resolves
+    policy: SitePolicy | None = None  # robots.txt and TDMRep, once asked
+    crawl_delay: float = 0.0  # seconds between requests, as its robots.txt asked
 
 
 class HostBook:
     """Per-host politeness (connections at once, Retry-After pauses), names and health."""
 
     def __init__(self, per_host: int, max_failures: int, down_after: float = 0.0,
-                 names: NameSource | None = None, pins: tuple[Pin, ...] = ()) -> None:
+                 names: NameSource | None = None, pins: tuple[Pin, ...] = (),
+                 ask_policy: bool = False) -> None:
         self.per_host = per_host
+        self.ask_policy = ask_policy
         self.max_failures = max_failures
         self.down_after = down_after
         self.names = names
@@ -155,6 +164,8 @@ class HostBook:
                    - state.in_flight)
 
     def _limit(self, state: HostState) -> int:
+        if (self.ask_policy and state.policy is None) or state.crawl_delay:
+            return 1
         if state.answers:
             return self.per_host
         return min(self.per_host, PROBE_AT_ONCE, self.max_failures - state.failures)
@@ -177,6 +188,28 @@ class HostBook:
         else:
             state.addresses = answer.addresses
         return True
+
+    def needs_policy(self, host: str) -> bool:
+        """Whether the host's next URL must first ask for its robots.txt and tdmrep.json."""
+        return self.ask_policy and self.state(host).policy is None
+
+    def set_policy(self, host: str, policy: SitePolicy) -> None:
+        state = self.state(host)
+        state.policy = policy
+        if policy.crawl_delay:
+            state.crawl_delay = policy.crawl_delay
+            log.info("%s: robots.txt asks for %g s between requests: one at a time", host,
+                     policy.crawl_delay)
+
+    def started(self, host: str, now: float) -> None:
+        """A URL of the host was requested: a crawl delay holds its next one back."""
+        delay = self.state(host).crawl_delay
+        if delay:
+            self.pause(host, now + delay)
+
+    def give_up(self, host: str, outcome: str, reason: str) -> None:
+        """The host's remaining URLs are journaled `outcome` without being requested."""
+        self._give_up(self.state(host), outcome, reason)
 
     def ready_at(self, host: str) -> float:
         """When a paused host (Retry-After, or its breaker open) may take a URL again."""

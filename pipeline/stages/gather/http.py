@@ -15,6 +15,7 @@ import email.utils
 import errno
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -32,6 +33,7 @@ OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 SNIFF_BYTES = 16  # enough for every magic number sniff_extension knows
+POLICY_MAX_BYTES = 500 * 1024  # of a robots.txt, what RFC 9309 2.5 asks a crawler to parse
 # Connect errors of our own making: out of descriptors, ports or buffers, no route or network.
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL, errno.ENOBUFS,
                           errno.ENOMEM, errno.ENETUNREACH, errno.ENETDOWN})
@@ -59,6 +61,9 @@ class Attempt:
     cut_short: bool = False
     timed_out: bool = False
     ours: str = ""
+
+
+_Reader = Callable[[aiohttp.ClientResponse, GatherOptions], Awaitable[Attempt]]
 
 
 def _failed(outcome: str, error: str, *, retry: bool = False,
@@ -91,12 +96,21 @@ async def fetch_once(session: aiohttp.ClientSession, url: str, options: GatherOp
     return attempt
 
 
+async def fetch_policy_file(session: aiohttp.ClientSession, url: str, options: GatherOptions,
+                            resolver: Resolver) -> Attempt:
+    """A site's policy file (robots.txt, tdmrep.json), bounded and redirected like an image:
+    "ok" with its first POLICY_MAX_BYTES on a 2xx, else the status or the failure."""
+    return await _attempt(session, [URL(url, encoded=True)], options, resolver, None, None,
+                          read=_read_policy_file)
+
+
 async def _attempt(session: aiohttp.ClientSession, hops: list[URL], options: GatherOptions,
                    resolver: Resolver, timeout: aiohttp.ClientTimeout | None,
-                   read_timeout: float | None) -> Attempt:
+                   read_timeout: float | None, read: _Reader | None = None) -> Attempt:
     try:
         async with asyncio.timeout(options.url_deadline):
-            return await _follow(session, hops, options, resolver, timeout)
+            return await _follow(session, hops, options, resolver, timeout,
+                                 read or _read_response)
     except _TooSlow as slow:
         return _failed("timeout", str(slow))
     except aiohttp.ConnectionTimeoutError:
@@ -140,15 +154,17 @@ class _TooSlow(Exception):
 
 
 async def _follow(session: aiohttp.ClientSession, hops: list[URL], options: GatherOptions,
-                  resolver: Resolver, timeout: aiohttp.ClientTimeout | None) -> Attempt:
-    """Each hop is appended to `hops` before it is requested."""
+                  resolver: Resolver, timeout: aiohttp.ClientTimeout | None,
+                  read: _Reader) -> Attempt:
+    """Each hop is appended to `hops` before it is requested; `read` makes the final answer
+    an Attempt."""
     url = hops[-1]
     for _ in range(MAX_REDIRECTS + 1):
         async with session.get(url, allow_redirects=False,
                                **({"timeout": timeout} if timeout else {})) as response:
             location = response.headers.get("Location")
             if response.status not in REDIRECT_STATUSES or not location:
-                return await _read_response(response, options)
+                return await read(response, options)
         target = url.join(URL(location))
         refused = await _refused_redirect(url, target, options, resolver)
         if refused is not None:
@@ -204,6 +220,23 @@ async def _read_response(response: aiohttp.ClientResponse, options: GatherOption
         return Attempt("too_large", final=True, http_status=status,
                        error=f"Content-Length {declared} > {options.max_bytes}")
     return await _read_body(response, options)
+
+
+async def _read_policy_file(response: aiohttp.ClientResponse,
+                            options: GatherOptions) -> Attempt:
+    status = response.status
+    if not 200 <= status < 300:
+        return Attempt("http_error", final=status not in RETRYABLE_STATUSES, http_status=status,
+                       error=f"HTTP {status}")
+    chunks: list[bytes] = []
+    size = 0
+    started = time.monotonic()
+    while size < POLICY_MAX_BYTES and (chunk := await _next_chunk(response, size, started,
+                                                                   options)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return Attempt("ok", final=True, http_status=status,
+                   body=b"".join(chunks)[:POLICY_MAX_BYTES])
 
 
 async def _read_body(response: aiohttp.ClientResponse, options: GatherOptions) -> Attempt:

@@ -15,8 +15,9 @@ from pipeline.core.options import option
 from pipeline.core.stage_options import VALIDATE
 from pipeline.formats.journal import JOURNAL_NAME, PLACEHOLDERS_NAME
 
-DEFAULT_USER_AGENT = (f"pipeline/{__version__} (image dataset builder{{contact}}; honours "
-                      "X-Robots-Tag noai and TDMRep)")
+PRODUCT_TOKEN = "pipeline"  # what a robots.txt group names to address us (RFC 9309 2.2.1)
+DEFAULT_USER_AGENT = (f"{PRODUCT_TOKEN}/{__version__} (image dataset builder{{contact}}; "
+                      "honours robots.txt, X-Robots-Tag noai and TDMRep)")
 MAX_DEFAULT_PROCESSES = 8
 HYPONYM_CONFLICTS = ("drop", "first")  # `--hyponym-conflicts`
 
@@ -94,9 +95,15 @@ class GatherOptions:
     min_size: int = option(VALIDATE.min_size, min=0, help=(
         "Images whose shorter side is smaller are dropped as too_small."))
     honour_opt_out: bool = option(True, flag="--honour-opt-out/--ignore-opt-out", help=(
-        "Drop images whose X-Robots-Tag says noai/noimageai, or whose TDMRep header "
-        "reserves text and data mining (tdm-reservation: 1), as opted_out "
-        "(--ignore-opt-out keeps them)."))
+        "Drop images whose X-Robots-Tag says noai/noimageai, or for which TDMRep reserves "
+        "text and data mining (the tdm-reservation: 1 header, or a rule of the host's "
+        "/.well-known/tdmrep.json, asked once per host), as opted_out (--ignore-opt-out "
+        "keeps them)."))
+    honour_robots: bool = option(True, flag="--honour-robots/--ignore-robots", help=(
+        "Ask each host's /robots.txt once, before its first image, and drop the URLs it "
+        f"disallows to {PRODUCT_TOKEN!r} (or to *) as opted_out, never requested; a host whose "
+        "robots.txt answers 5xx is not fetched in this run (RFC 9309). Crawl-delay is "
+        "honoured. --ignore-robots skips all this: use it only for sites you may crawl."))
     contact: str = option("", metavar="URL_OR_EMAIL", help=(
         "How a site owner can reach whoever runs this gather: shown in the User-Agent."))
     placeholder_digests: frozenset[str] = option(

@@ -31,8 +31,9 @@ from pipeline.formats.urllist import (
     select_urls,
     write_hyponym_conflicts,
 )
+from pipeline.stages.gather.consent import SitePolicy
 from pipeline.stages.gather.hosts import HostBook, host_key
-from pipeline.stages.gather.http import Attempt
+from pipeline.stages.gather.http import Attempt, made_up_url
 from pipeline.stages.gather.names import NameService
 from pipeline.stages.gather.options import GatherOptions
 from pipeline.stages.gather.schedule import Job, Scheduler
@@ -56,6 +57,7 @@ class GatherReport:
     seconds: float = 0.0
     hosts_down: int = 0
     hosts_not_found: int = 0
+    hosts_robots_unreachable: int = 0  # robots.txt answered 5xx: nothing fetched (RFC 9309)
     lookups: int = 0  # DNS lookups made (a name is asked once, a timeout twice)
     local_trouble: int = 0  # episodes when many hosts failed at once and the trouble looked ours
     placeholders_found: int = 0  # placeholder pictures: repeated, or served for a made-up path
@@ -87,6 +89,9 @@ class GatherReport:
         if self.hosts_not_found:
             line += (f", {self.hosts_not_found} host name(s) not found in {self.lookups} "
                      "lookup(s) (tried again next run)")
+        if self.hosts_robots_unreachable:
+            line += (f", {self.hosts_robots_unreachable} host(s) not fetched because their "
+                     "robots.txt was unreachable (tried again next run)")
         if self.local_trouble:
             line += (f", {self.local_trouble} time(s) the trouble looked local and no host was "
                      "blamed (see the log)")
@@ -221,7 +226,8 @@ def _fetch(selection: Selection, options: GatherOptions, journal: JsonLinesWrite
     pending = collector.recover_unjournaled(collector.pending(selection), selection.classes)
     with NameService(options.dns_servers, options.dns_timeout) as names:
         hosts = HostBook(effective_per_host(options), options.host_failures,
-                         options.host_down_after, names, options.resolve)
+                         options.host_down_after, names, options.resolve,
+                         ask_policy=options.honour_robots or options.honour_opt_out)
         scheduler = Scheduler(((index, entry.klass, host_key(entry.url))
                                for index, entry in pending),
                               selection.entry, collector.ok_counts, options.limit, hosts,
@@ -259,6 +265,7 @@ class _Run:
                 self._journal_unfinished(stop.signum)
                 self.report.hosts_down = self.hosts.down_count("host_down")
                 self.report.hosts_not_found = self.hosts.down_count("host_not_found")
+                self.report.hosts_robots_unreachable = self.hosts.down_count("robots_unreachable")
                 self.report.local_trouble = self.hosts.trouble.episodes
                 self.progress.close()
         self.report.interrupted_by = stop.signum
@@ -283,13 +290,28 @@ class _Run:
     def _start_jobs(self, pool: WorkerPool, now: float) -> None:
         while (pool.has_room() and len(self.jobs) < self._concurrency()
                and (job := self.scheduler.next(now)) is not None):
+            policy = self.hosts.state(job.host).policy
+            refusal = policy.refusal(job.entry.url) if policy and policy.restricts else None
+            if refusal is not None:
+                self._refuse(job, refusal)
+                continue
             self.next_id += 1
             self.jobs[self.next_id] = (job, now)
             job.read_timeout = self._read_timeout(job)
+            self.hosts.started(job.host, now)
             pool.submit(Request(self.next_id, job.entry.url, job.host,
                                 str(target_stem(self.options.out, job.entry)),
-                                job.read_timeout, self.hosts.addresses(job.host)))
+                                job.read_timeout, self.hosts.addresses(job.host),
+                                ask_policy=self.hosts.needs_policy(job.host),
+                                may_probe=policy is None or not policy.restricts
+                                or policy.refusal(made_up_url(job.entry.url)) is None))
         pool.flush()
+
+    def _refuse(self, job: Job, refusal: str) -> None:
+        """The host's robots.txt or tdmrep.json refuses the URL: journaled, never requested."""
+        job.attempts -= 1  # handed out, not tried
+        self.scheduler.finished(job)
+        self._journal(job, Attempt("opted_out", final=True, error=refusal))
 
     def _concurrency(self) -> int:
         """--concurrency, or a fraction of it while the trouble looks local: fewer attempts
@@ -311,6 +333,8 @@ class _Run:
         attempt = reply.attempt
         job.seconds += reply.seconds
         job.last_error = attempt.error
+        if reply.site_files is not None:
+            self.hosts.set_policy(job.host, SitePolicy.parse(reply.site_files))
         self.hosts.record(job.host, connection_failed=attempt.connection_failed,
                           started=started, now=time.monotonic(), error=attempt.error,
                           cut_short=attempt.cut_short, ours=attempt.ours,
@@ -323,6 +347,8 @@ class _Run:
                 and not self.hosts.is_down(job.host)):
             self._retry_later(job, attempt)
             return
+        if attempt.outcome == "robots_unreachable":
+            self.hosts.give_up(job.host, attempt.outcome, attempt.error)
         self.scheduler.finished(job)
         if reply.missing_picture is not None:
             self.collector.missing_picture(job.entry.url, *reply.missing_picture)
@@ -335,6 +361,8 @@ class _Run:
             self.hosts.pause(job.host, now + delay)  # the host asked: slow it, not the others
         else:
             delay = self.options.backoff * 2 ** (job.attempts - 1) * random.uniform(0.5, 1.5)
+            if attempt.outcome == "robots_unreachable":  # nothing of the host before its retry
+                self.hosts.pause(job.host, now + delay)
         self.scheduler.retry(job, now + delay)
 
     def _journal(self, job: Job, attempt: Attempt, reply: Reply | None = None) -> None:

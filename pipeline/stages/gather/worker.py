@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection, wait
 
 import aiohttp
 
+from pipeline.stages.gather.consent import SiteFiles, SitePolicy, fetch_site_files
 from pipeline.stages.gather.http import Attempt, fetch_once, made_up_url
 from pipeline.stages.gather.names import Resolver, name_of
 from pipeline.stages.gather.options import GatherOptions
@@ -45,6 +46,8 @@ class Request:
     stem: str  # final path without extension (store.target_stem)
     read_timeout: float | None = None  # the host's own, when shorter than --timeout
     addresses: tuple[str, ...] = ()  # what the host's name resolved to (empty: resolve here)
+    ask_policy: bool = False  # ask the host's robots.txt and tdmrep.json first (`consent`)
+    may_probe: bool = True  # the host's policy lets us ask for a made-up path
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Reply:
     seconds: float
     crash: str = ""  # an error of ours (disk full...): the run must stop
     missing_picture: tuple[str, str] | None = None  # (sha256, fingerprint): see _MadeUpPaths
+    site_files: SiteFiles | None = None  # the host's policy files, when the request asked
 
 
 def worker_main(conn: Connection, options: GatherOptions, per_host: int) -> None:
@@ -181,9 +185,13 @@ async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: Threa
     started = time.monotonic()
     lagged = lag.total
     resolver.pin(name_of(request.host), request.addresses)
+    files = attempt = None
     try:
-        attempt = await fetch_once(session, request.url, options, resolver,
-                                   request.read_timeout)
+        if request.ask_policy:
+            files, attempt = await _ask_policy(session, resolver, request, options)
+        if attempt is None:
+            attempt = await fetch_once(session, request.url, options, resolver,
+                                       request.read_timeout)
         lagged = lag.total - lagged
         if attempt.timed_out and lagged >= LAG_SHARE * options.timeout:
             attempt.ours = f"our event loop ran {lagged:.1f} s late meanwhile"
@@ -192,7 +200,7 @@ async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: Threa
         if attempt.body is not None:
             asked = (asyncio.ensure_future(made_up.picture(session, resolver, pool, request,
                                                            options))
-                     if options.placeholder_after else None)
+                     if options.placeholder_after and request.may_probe else None)
             staged = await asyncio.get_running_loop().run_in_executor(
                 pool, stage_body, attempt.body, request.stem, options)
             attempt.body = None
@@ -201,7 +209,23 @@ async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: Threa
         return Reply(request.job_id, Attempt("interrupted", final=False), None, 0.0,
                      crash=f"{type(exc).__name__}: {exc}")
     return Reply(request.job_id, attempt, staged, time.monotonic() - started,
-                 missing_picture=missing)
+                 missing_picture=missing, site_files=files)
+
+
+async def _ask_policy(session: aiohttp.ClientSession, resolver: Resolver, request: Request,
+                      options: GatherOptions) -> tuple[SiteFiles | None, Attempt | None]:
+    """The host's policy files, and the Attempt that ends the URL here (None: fetch it): the
+    host failed to answer, or its files refuse the URL. Also decides whether the files let us
+    ask for a made-up path (`request.may_probe`)."""
+    fetched = await fetch_site_files(session, request.url, options, resolver)
+    if isinstance(fetched, Attempt):
+        return None, fetched
+    policy = SitePolicy.parse(fetched)
+    refusal = policy.refusal(request.url)
+    if refusal is not None:
+        return fetched, Attempt("opted_out", final=True, error=refusal)
+    request.may_probe = policy.refusal(made_up_url(request.url)) is None
+    return fetched, None
 
 
 class _Outbox:
