@@ -65,6 +65,8 @@ def test_tdmrep_json_reserves_its_locations_with_their_policy():
 
 
 ROBOTS = "/robots.txt"
+CRAWL_DELAY = 0.3
+PER_ROUTE = 5  # URLs per route and host: 60 in all, one sample picture each
 TDMREP = "/.well-known/tdmrep.json"
 SITES = {
     # The issue's case: every /private/ image was fetched and kept.
@@ -77,11 +79,13 @@ SITES = {
     # Forbidden: no restrictions (2.3.1.3).
     "forbidden.test": {ROBOTS: (403, "Forbidden")},
     "tdm.test": {TDMREP: (200, '[{"location": "/private/", "tdm-reservation": 1}]')},
+    # One request at a time, this far apart.
+    "slow.test": {ROBOTS: (200, f"User-agent: *\nCrawl-delay: {CRAWL_DELAY}\n")},
 }
 
 
 def write_list(sample: Path, base_port: int, path: Path) -> dict[str, tuple[str, str]]:
-    """Six /img/ and six /private/ URLs per host name, each its own file (so the mirror's
+    """PER_ROUTE /img/ and /private/ URLs per host name, each its own file (so the mirror's
     per-path counts tell which were requested); id -> (host, route)."""
     wnid = sorted(p.name for p in (sample / "files").iterdir())[0]
     files = sorted(p.name for p in (sample / "files" / wnid).iterdir())
@@ -89,7 +93,7 @@ def write_list(sample: Path, base_port: int, path: Path) -> dict[str, tuple[str,
     names = iter(files)
     for host in SITES:
         for route in ("img", "private"):
-            for _ in range(6):
+            for _ in range(PER_ROUTE):
                 image_id = f"{wnid}_{len(expected) + 1}"
                 lines.append(f"{image_id}\thttp://{host}:{base_port}/{route}/{wnid}/{next(names)}")
                 expected[image_id] = (host, route)
@@ -116,18 +120,23 @@ def test_gather_honours_robots_txt_and_tdmrep_and_asks_each_host_once(sample, tm
     outcomes = {host_route: Counter() for host_route in set(expected.values())}
     for image_id, host_route in expected.items():
         outcomes[host_route][journal[image_id]["outcome"]] += 1
-    assert outcomes[("star.test", "img")] == {"ok": 6}
-    assert outcomes[("star.test", "private")] == {"opted_out": 6}
-    assert outcomes[("ours.test", "img")] == outcomes[("ours.test", "private")] == {"ok": 6}
-    assert outcomes[("forbidden.test", "private")] == {"ok": 6}
-    assert outcomes[("tdm.test", "img")] == {"ok": 6}
-    assert outcomes[("tdm.test", "private")] == {"opted_out": 6}
-    assert outcomes[("broken.test", "img")] == {"robots_unreachable": 6}
-    assert outcomes[("broken.test", "private")] == {"robots_unreachable": 6}
+    assert outcomes[("star.test", "img")] == {"ok": PER_ROUTE}
+    assert outcomes[("star.test", "private")] == {"opted_out": PER_ROUTE}
+    assert outcomes[("ours.test", "img")] == outcomes[("ours.test", "private")] == {"ok": PER_ROUTE}
+    assert outcomes[("forbidden.test", "private")] == {"ok": PER_ROUTE}
+    assert outcomes[("tdm.test", "img")] == {"ok": PER_ROUTE}
+    assert outcomes[("tdm.test", "private")] == {"opted_out": PER_ROUTE}
+    assert outcomes[("broken.test", "img")] == {"robots_unreachable": PER_ROUTE}
+    assert outcomes[("broken.test", "private")] == {"robots_unreachable": PER_ROUTE}
     reasons = {journal[i]["error"] for i, (host, route) in expected.items()
                if (host, route) == ("star.test", "private")}
     assert reasons == {"robots.txt: Disallow: /private/ (User-agent: *)"}
     assert report.hosts_robots_unreachable == 1
+    assert outcomes[("slow.test", "img")] == outcomes[("slow.test", "private")] == {"ok": PER_ROUTE}
+    finished = sorted(journal[i]["time"] for i, (host, _) in expected.items()
+                      if host == "slow.test")
+    gaps = [later - earlier for earlier, later in zip(finished, finished[1:], strict=False)]
+    assert min(gaps) >= CRAWL_DELAY * 0.8, gaps  # started CRAWL_DELAY apart, one at a time
     assert all(not journal[i]["final"] for i, (host, _) in expected.items()
                if host == "broken.test")
     # Refused URLs were never requested, nor was anything of the broken host but robots.txt.
@@ -154,6 +163,6 @@ def test_ignore_robots_is_an_explicit_choice(sample, tmp_path):
         stats = mirror.stats()
     journal = read_journal(tmp_path / "raw" / "gather.jsonl")
     by_host = Counter((expected[i][0], r["outcome"]) for i, r in journal.items())
-    assert by_host[("star.test", "ok")] == by_host[("broken.test", "ok")] == 12
-    assert by_host[("tdm.test", "opted_out")] == 6  # TDMRep is --ignore-opt-out's to skip
+    assert by_host[("star.test", "ok")] == by_host[("broken.test", "ok")] == 2 * PER_ROUTE
+    assert by_host[("tdm.test", "opted_out")] == PER_ROUTE  # TDMRep is --ignore-opt-out's to skip
     assert not any(path.endswith(ROBOTS) for path in stats["by_path"])

@@ -193,11 +193,13 @@ class HostBook:
         """Whether the host's next URL must first ask for its robots.txt and tdmrep.json."""
         return self.ask_policy and self.state(host).policy is None
 
-    def set_policy(self, host: str, policy: SitePolicy) -> None:
+    def set_policy(self, host: str, policy: SitePolicy, now: float) -> None:
+        """The host's policy arrived with its first URL's answer (`now`)."""
         state = self.state(host)
         state.policy = policy
         if policy.crawl_delay:
             state.crawl_delay = policy.crawl_delay
+            self.pause(host, now + policy.crawl_delay)
             log.info("%s: robots.txt asks for %g s between requests: one at a time", host,
                      policy.crawl_delay)
 

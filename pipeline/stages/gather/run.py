@@ -334,7 +334,7 @@ class _Run:
         job.seconds += reply.seconds
         job.last_error = attempt.error
         if reply.site_files is not None:
-            self.hosts.set_policy(job.host, SitePolicy.parse(reply.site_files))
+            self.hosts.set_policy(job.host, SitePolicy.parse(reply.site_files), time.monotonic())
         self.hosts.record(job.host, connection_failed=attempt.connection_failed,
                           started=started, now=time.monotonic(), error=attempt.error,
                           cut_short=attempt.cut_short, ours=attempt.ours,
