@@ -36,7 +36,7 @@ RUNDIR := $(RUNS)/$(strip $(RUN))
 LABELS := $(MANIFESTS)/train.txt $(MANIFESTS)/val.txt $(MANIFESTS)/labels.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo all gather validate label mean pack finetune evaluate \
+.PHONY: help setup test lint demo all gather validate label card mean pack finetune evaluate \
         report clean distclean
 
 help: ## List targets and variables
@@ -65,11 +65,11 @@ demo: setup ## The whole chain offline on the embedded sample, into demo/ (WEIGH
 	$(BIN)/python scripts/demo.py \
 	  $(if $(and $(filter command line,$(origin WEIGHTS)),$(filter imagenet,$(WEIGHTS))),--weights imagenet)
 
-all: report ## gather -> validate -> label -> mean -> pack -> finetune -> evaluate -> report
+all: report card ## gather -> validate -> label (-> card) -> mean -> pack -> finetune -> evaluate -> report
 
 # The wnid list is a file rewritten (at parse time) only when WNIDS changes, so gather re-runs
 # only then and an unchanged chain stays up to date for `make -q`.
-CHAIN_GOALS := all gather validate label mean pack finetune evaluate report
+CHAIN_GOALS := all gather validate label card mean pack finetune evaluate report
 ifneq ($(filter $(CHAIN_GOALS),$(MAKECMDGOALS)),)
 ifneq ($(strip $(file < $(DATA)/wnids.txt)),$(strip $(WNIDS)))
 $(shell mkdir -p $(DATA) && printf '%s\n' $(WNIDS) > $(DATA)/wnids.txt)
@@ -88,6 +88,9 @@ $(DATA)/.validated: $(DATA)/.gathered
 
 $(LABELS) &: $(DATA)/.validated
 	$(PIPELINE) label $(RAW) --out $(MANIFESTS) --val-ratio $(strip $(VAL_RATIO)) $(if $(strip $(WORDS)),--words $(strip $(WORDS)))
+
+$(MANIFESTS)/croissant.json: $(LABELS)
+	$(PIPELINE) card $(MANIFESTS)
 
 $(DATA)/mean.npy: $(MANIFESTS)/train.txt
 	$(PIPELINE) mean $< --size $(SIZE) --out $@
@@ -115,6 +118,7 @@ $(RUNDIR)/report.html: $(RUNDIR)/eval-val/eval.json $(DATA)/mean.npy
 gather: $(DATA)/.gathered ## Download the synsets' images into $(DATA)/raw
 validate: $(DATA)/.validated ## Decode everything, quarantine the unreadable
 label: $(LABELS) ## Write the train/val manifests and the label map
+card: $(MANIFESTS)/croissant.json ## Write the dataset's Croissant card (sources, what was left out)
 mean: $(DATA)/mean.npy ## Compute the mean image
 pack: $(DATA)/train.h5 $(DATA)/val.h5 ## Pre-decode train/val into HDF5
 finetune: $(RUNDIR)/metrics.json ## Fine-tune $(ARCH) into $(RUNS)/$(RUN)
@@ -123,6 +127,7 @@ report: $(RUNDIR)/report.html ## Write $(RUNS)/$(RUN)/report.html
 
 clean: ## Remove derived data (manifests, mean, packs, runs); keeps downloaded images
 	rm -rf $(MANIFESTS)/*.txt $(MANIFESTS)/quality.csv $(MANIFESTS)/.label-cache.json \
+	  $(MANIFESTS)/croissant.json $(MANIFESTS)/images.csv \
 	  $(DATA)/mean.* $(DATA)/*.h5 $(DATA)/.validated $(RUNS)
 
 distclean: clean ## Also remove downloaded images, quarantine, demo/ and .venv

@@ -35,6 +35,7 @@ _EXPORTS = {
     "PredictOptions": "pipeline.core.stage_options",
     "export": "pipeline.stages.export",
     "build_report": "pipeline.stages.report",
+    "write_card": "pipeline.stages.card",
     "InputError": "pipeline.core.errors",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -258,6 +258,36 @@ def predict(checkpoint: Path, images: tuple[Path, ...], out: Path | None,
 
 
 @cli.command()
+@click.argument("manifests", default=Path("manifests"),
+                type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="The dataset's name.  [default: imagenet-<N>-classes]")
+@click.option("--description", help="What the dataset is.  [default: its classes and counts]")
+@click.option("--license", "license_text",
+              help="The license of the dataset.  [default: the images stay their owners'; "
+                   "no license is granted]")
+@click.option("--journal", type=EXISTING_FILE,
+              help="gather's journal, for each image's source URL.  [default: "
+                   "ROOT/gather.jsonl, ROOT from MANIFESTS/root.txt]")
+@click.option("--validate-log", type=EXISTING_FILE,
+              help="validate's log, for what it quarantined.  [default: ROOT/../validate.jsonl]")
+def card(manifests: Path, name: str | None, description: str | None, license_text: str | None,
+         journal: Path | None, validate_log: Path | None) -> None:
+    """Write MANIFESTS/croissant.json: a Croissant 1.0 dataset card (MLCommons' JSON-LD, read
+    by Hugging Face and Kaggle) of the dataset `pipeline label` wrote into MANIFESTS.
+
+    Also writes MANIFESTS/images.csv, one row per image in the manifests: split, class,
+    SHA-256, the URL it came from and when (gather's journal), quality flags. The card lists
+    what each stage left out and why, and how the data was collected (robots.txt and TDMRep
+    honoured).
+    """
+    from pipeline.stages.card import write_card
+
+    click.echo(write_card(manifests, name=name, description=description,
+                          **({"license_text": license_text} if license_text else {}),
+                          journal=journal, validate_log=validate_log).summary())
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--compare", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Another run to plot beside RUN_DIR, e.g. the from-scratch baseline "

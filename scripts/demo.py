@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         make("finetune", **target_data, RUN="scratch", WEIGHTS="none", FREEZE="none",
              LR=args.scratch_lr)
         make("report", **finetuned, WEIGHTS=base_weights, COMPARE=runs / "scratch")
+        make("card", **target_data)
     print_summary(runs, args, time.monotonic() - started)
     return 0
 
@@ -163,6 +164,7 @@ def print_summary(runs: Path, args: argparse.Namespace, seconds: float) -> None:
               f"{cache['build_seconds']:.0f} s, saved ~{cache['trunk_seconds_saved_estimate']:.0f}"
               " s of frozen-layer compute")
     print(f"  report: {runs / 'finetuned' / 'report.html'}")
+    print(f"  dataset card: {runs.parent / 'target' / 'manifests' / 'croissant.json'}")
 
 
 if __name__ == "__main__":

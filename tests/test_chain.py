@@ -25,7 +25,7 @@ def make(target: str, variables: dict[str, object], *flags: str) -> subprocess.C
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """A finished `make report` on 3 synsets of 24 images at 72 px, 1 epoch."""
+    """A finished `make all` (report and card) on 3 synsets of 24 images at 72 px, 1 epoch."""
     base = tmp_path_factory.mktemp("chain")
     sample = base / "sample"
     wnids = make_sample.make_sample(sample, classes=3, per_class=24)
@@ -39,7 +39,7 @@ def chain(tmp_path_factory):
             "SIZE": 72, "CROP": 64, "BATCH": 8, "VAL_RATIO": 0.25,
             "GATHER_ARGS": "--timeout 5 --retries 1", "FINETUNE_ARGS": "--workers 0",
         }
-        done = make("report", variables)
+        done = make("all", variables)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         yield base, variables, done
 
@@ -50,7 +50,8 @@ def test_the_chain_produces_every_stage_output(chain):
                      "manifests/labels.txt", "data/mean.npy", "data/mean.png",
                      "data/train.h5", "data/val.h5", "runs/mini/best.pt",
                      "runs/mini/log.csv", "runs/mini/eval-val/confusion.csv",
-                     "runs/mini/report.html"):
+                     "runs/mini/report.html", "manifests/croissant.json",
+                     "manifests/images.csv"):
         assert (base / relative).exists(), relative
     assert '"outcome": "not_image"' in (base / "data" / "raw" / "gather.jsonl").read_text()
     assert "<img src='data:image/png;base64," in (base / "runs/mini/report.html").read_text()
@@ -58,8 +59,8 @@ def test_the_chain_produces_every_stage_output(chain):
 
 def test_a_second_make_does_nothing(chain):
     _, variables, _ = chain
-    assert make("report", variables, "-q").returncode == 0
-    again = make("report", variables)
+    assert make("all", variables, "-q").returncode == 0
+    again = make("all", variables)
     assert again.returncode == 0 and "pipeline" not in again.stdout
 
 
@@ -67,8 +68,9 @@ def test_touching_a_stage_input_rebuilds_only_what_depends_on_it(chain):
     base, variables, _ = chain
     later = time.time() + 5
     os.utime(base / "manifests" / "train.txt", (later, later))
-    plan = make("report", variables, "-n").stdout
-    for stage in ("pipeline mean", "pipeline finetune", "pipeline evaluate", "pipeline report"):
+    plan = make("all", variables, "-n").stdout
+    for stage in ("pipeline mean", "pipeline finetune", "pipeline evaluate", "pipeline report",
+                  "pipeline card"):
         assert stage in plan, stage
     for stage in ("pipeline gather", "pipeline validate", "pipeline label"):
         assert stage not in plan, stage
