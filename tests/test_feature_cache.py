@@ -109,7 +109,7 @@ def test_one_cached_view_trains_exactly_like_the_same_fixed_view_without_cache(
 
 def test_the_cache_is_reused_by_the_same_key_and_never_when_the_key_changes(
         dataset, weights, tmp_path):
-    first = finetune(config(dataset, tmp_path / "a", weights, cache_features=True,
+    first = finetune(config(dataset, tmp_path / "a", weights, cache_features="on",
                             cache_views=2))["feature_cache"]
     assert not first["reused"] and first["views"] == 2 and first["bytes"] > 0
     # the build pays for itself after as many epochs as it took the frozen layers' time
@@ -117,18 +117,18 @@ def test_the_cache_is_reused_by_the_same_key_and_never_when_the_key_changes(
     assert per_epoch > 0 and first["break_even_epochs"] >= 1
     epochs, slack = first["break_even_epochs"], 0.005 * first["break_even_epochs"]  # rounding
     assert (epochs - 1) * per_epoch - slack < first["build_seconds"] <= epochs * per_epoch + slack
-    again = finetune(config(dataset, tmp_path / "b", weights, cache_features=True,
+    again = finetune(config(dataset, tmp_path / "b", weights, cache_features="on",
                             cache_views=2, lr=0.005))["feature_cache"]
     assert again["reused"] and again["folder"] == first["folder"]
     assert again["break_even_epochs"] == 0  # a reused cache costs nothing to build
-    other_views = finetune(config(dataset, tmp_path / "c", weights, cache_features=True,
+    other_views = finetune(config(dataset, tmp_path / "c", weights, cache_features="on",
                                   cache_views=3))["feature_cache"]
     assert not other_views["reused"] and other_views["folder"] != first["folder"]
-    other_freeze = finetune(config(dataset, tmp_path / "d", weights, cache_features=True,
+    other_freeze = finetune(config(dataset, tmp_path / "d", weights, cache_features="on",
                                    cache_views=2, freeze_until="conv5"))["feature_cache"]
     assert other_freeze["folder"] not in (first["folder"], other_views["folder"])
     # fc6 frozen cuts where conv5 does (a Dropout comes first): the same trunk, one cache.
-    fc6 = finetune(config(dataset, tmp_path / "f", weights, cache_features=True,
+    fc6 = finetune(config(dataset, tmp_path / "f", weights, cache_features="on",
                           cache_views=2, freeze_until="fc6"))["feature_cache"]
     assert fc6["reused"] and fc6["folder"] == other_freeze["folder"]
     # The training data changes (one more line): a new key, a new cache.
@@ -136,7 +136,7 @@ def test_the_cache_is_reused_by_the_same_key_and_never_when_the_key_changes(
     original = manifest.read_text()
     try:
         manifest.write_text(original + original.splitlines()[-1] + "\n")
-        changed = finetune(config(dataset, tmp_path / "e", weights, cache_features=True,
+        changed = finetune(config(dataset, tmp_path / "e", weights, cache_features="on",
                                   cache_views=2))["feature_cache"]
         assert not changed["reused"] and changed["folder"] != first["folder"]
     finally:
@@ -144,12 +144,12 @@ def test_the_cache_is_reused_by_the_same_key_and_never_when_the_key_changes(
 
 
 def test_a_corrupt_cache_is_rebuilt_with_a_message(dataset, weights, tmp_path, caplog):
-    first = finetune(config(dataset, tmp_path / "a", weights, cache_features=True,
+    first = finetune(config(dataset, tmp_path / "a", weights, cache_features="on",
                             cache_views=2))["feature_cache"]
     array = Path(first["folder"]) / "train.npy"
     array.write_bytes(array.read_bytes()[: array.stat().st_size // 2])  # torn
     with caplog.at_level(logging.WARNING):
-        again = finetune(config(dataset, tmp_path / "b", weights, cache_features=True,
+        again = finetune(config(dataset, tmp_path / "b", weights, cache_features="on",
                                 cache_views=2))["feature_cache"]
     assert "unusable" in caplog.text and "rebuilding" in caplog.text
     assert not again["reused"] and again["folder"] == first["folder"]
@@ -191,7 +191,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(dataset, weights, tmp_pat
 
 def test_resume_from_the_cache_is_exact_and_the_model_needs_no_cache(dataset, weights,
                                                                      tmp_path):
-    whole = config(dataset, tmp_path / "whole", "none", cache_features=True, cache_views=3,
+    whole = config(dataset, tmp_path / "whole", "none", cache_features="on", cache_views=3,
                    epochs=3, lr=0.01)
     finetune(whole)
     half = dataclasses.replace(whole, out=tmp_path / "half", epochs=1)
@@ -217,7 +217,7 @@ def test_frozen_batchnorm_keeps_its_statistics_with_the_cache(dataset, tmp_path)
     finetune(FinetuneConfig(train=dataset / "train.txt", val=dataset / "val.txt",
                             arch="vgg11_bn", weights="none", freeze_until="conv2", epochs=1,
                             crop=32, resize=36, batch_size=8, workers=0, out=tmp_path / "run",
-                            cache_features=True, cache_views=2, cache_dir=tmp_path / "c"))
+                            cache_features="on", cache_views=2, cache_dir=tmp_path / "c"))
     fresh = build_model("vgg11_bn", 3, "none").state_dict()
     trained = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
     for bn in ("features.1", "features.5"):  # conv1_1's and conv2_1's BatchNorm: frozen
@@ -241,4 +241,49 @@ def test_head_after_trunk_is_the_whole_model(arch, until):
 def test_nothing_frozen_is_refused_clearly(dataset, tmp_path):
     with pytest.raises(InputError, match="nothing is frozen"):
         finetune(FinetuneConfig(train=dataset / "train.txt", freeze_until=None,
-                                cache_features=True, out=tmp_path / "run"))
+                                cache_features="on", out=tmp_path / "run"))
+
+
+def test_the_auto_probe_weighs_the_rest_of_the_build_against_the_epochs_planned(monkeypatch):
+    """1,000 images, 8 views each, built at 12 ms a view; an epoch from the cache saves 10 ms
+    of frozen layers per image: what is left once the probe has seen ~10 s (7,040 views,
+    84.5 s) pays off after 9 epochs."""
+    clock = [0.0]
+    monkeypatch.setattr(cache_module.time, "monotonic", lambda: clock[0])
+
+    def probe(epochs: int) -> cache_module._Probe:
+        checked = cache_module._Probe(cache_module.BuildPlan(epochs, images_per_epoch=1000),
+                                      views_left=8000)
+        for _ in range(cache_module.PROBE_BATCHES + 12):  # 64 views, 64 images a batch
+            clock[0] += 64 * 0.012
+            checked.batch_done(64, 64, 64 * 0.010)
+            if checked.decided:
+                break
+        return checked
+
+    with pytest.raises(cache_module.NotWorthBuilding, match="pays off after 9 epoch"):
+        probe(epochs=9)
+    assert probe(epochs=10).decided  # worth it: no exception, the build goes on
+
+
+def test_auto_builds_the_cache_only_when_the_planned_epochs_repay_it(
+        dataset, weights, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cache_module, "BUILD_BATCH", 8)  # 225 views: the probe decides early
+    monkeypatch.setattr(cache_module, "PROBE_BATCHES", 2)
+    monkeypatch.setattr(cache_module, "PROBE_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO):
+        short = finetune(config(dataset, tmp_path / "short", weights, cache_features="auto",
+                                cache_views=8, epochs=1))
+    assert "feature_cache" not in short and "training from images instead" in caplog.text
+    assert not list((tmp_path / "caches").glob("*/key.json"))  # its started folder is gone
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        long = finetune(config(dataset, tmp_path / "long", weights, cache_features="auto",
+                               cache_views=8, epochs=100, max_steps=1))
+    assert "building it" in caplog.text
+    cache = long["feature_cache"]
+    assert not cache["reused"] and 1 <= cache["break_even_epochs"] < 100
+    # A finished cache is always used, whatever the epochs.
+    again = finetune(config(dataset, tmp_path / "again", weights, cache_features="auto",
+                            cache_views=8, epochs=1))
+    assert again["feature_cache"]["reused"]

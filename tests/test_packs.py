@@ -210,7 +210,7 @@ def test_training_and_evaluate_read_jpeg_packs_and_shard_sets(manifests, packs, 
     cached = finetune(FinetuneConfig(
         train=packs["jpeg-shards"], val=tmp_path / "val.h5", weights="none", epochs=1,
         out=tmp_path / "cached", crop=64, resize=SIZE, batch_size=8, workers=0,
-        freeze_until="conv5", cache_features=True, cache_views=2))
+        freeze_until="conv5", cache_features="on", cache_views=2))
     assert cached["feature_cache"]["views"] == 2 and cached["train_images"] == 135
 
 

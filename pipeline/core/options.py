@@ -41,6 +41,7 @@ class Cli:
     show_default: bool | str = True
     hidden: bool = False
     parse: Callable[[Any], Any] | None = None  # command-line value -> field value
+    flag_value: str | None = None  # the value of the bare flag (the value is then optional)
 
 
 def option(default: Any = MISSING, help: str = "", **cli: Any) -> Any:
@@ -89,6 +90,8 @@ def _click_option(field: dataclasses.Field[Any]) -> Callable[[F], F]:
     else:
         kwargs.update(type=_click_type(spec, default), multiple=spec.multiple, nargs=spec.nargs,
                       default=_shown(default, spec))
+        if spec.flag_value is not None:
+            kwargs.update(is_flag=False, flag_value=spec.flag_value)
         kwargs["show_default"] = spec.show_default if default not in (None, ()) else False
     return click.option(flag, field.name, **kwargs)
 

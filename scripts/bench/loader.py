@@ -1,11 +1,22 @@
 #!/usr/bin/env python3
 """Benchmark our loader (raw and JPEG packs) against FFCV, LitData and WebDataset, in one run.
 
-Same images (the bench's own 256x256 JPEGs at quality 90, made from the offline sample), same
-transform (a random 224x224 crop and a horizontal flip, uint8 N x 3 x 224 x 224 out), same
-batch size, 2 loader workers each, warm page cache; per loader: the time and size of its pack
-step, and images/s of every epoch, the figure being the median of epochs 2..E (epoch 1 warms
-caches and starts workers).
+Same images, same transform (a random 224x224 crop and a horizontal flip, uint8 N x 3 x 224 x
+224 out), same batch size, 2 loader workers each, warm page cache; per loader: the time and
+size of its pack step, and images/s of every epoch, the figure being the median of epochs
+2..E (epoch 1 warms caches and starts workers). The images (--source):
+
+- `sample`: the bench's own 256x256 JPEGs at quality 90, made from the offline sample: our
+  JPEG pack stores them as they are (they already are what it would write), as LitData and
+  WebDataset do, while FFCV re-encodes them.
+- `photos`: real photographs of mixed sizes and qualities, as a web-gathered dataset has:
+  scikit-image's sample photos (pipeline.testing.pictures), each file a random crop (aspect
+  0.6-1.7) resized to a shorter side of 160-1200 px (log-uniform), saved as JPEG at quality
+  50-98 (a fifth with 4:4:4 chroma) or, one in twelve, PNG. Every pack re-encodes: ours to
+  256x256 (shorter side 256, centre crop), FFCV to a longer side of at most 256 (its
+  max_resolution), and LitData and WebDataset get each photo resized to a shorter side of 256
+  and re-encoded at q90 in their pack step (stored as they are, a 1200 px photo would cost
+  them 20x the decode per epoch: nobody trains on ImageNet that way).
 
 - ours raw / ours jpeg: `pipeline pack` (--encoding raw | jpeg --quality 90), then
   `open_images` + `EpochSampler` + `make_loader` as `pipeline finetune` uses them.
@@ -29,7 +40,8 @@ versions fails to install and is left out with pip's reason. Every pack and load
 whole command (interpreter start-up included), measured with benchlib after waiting for the
 shared machine to be quiet; runs disturbed by other load say so.
 
-    python scripts/bench/loader.py [--images 10000] [--epochs 4] [--batch-size 64]
+    python scripts/bench/loader.py [--source sample|photos] [--images 10000] [--epochs 4]
+                                   [--batch-size 64]
                                    [--workers 2] [--workdir /tmp/bench-loader]
                                    [--peers-venv /work/bench-venvs/loader-peers]
                                    [--skip-peers] [--quiet-wait 120]
@@ -45,6 +57,7 @@ import argparse
 import importlib.metadata as metadata
 import io
 import json
+import math
 import os
 import shutil
 import statistics
@@ -53,6 +66,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
 
 import benchlib
 
@@ -93,12 +108,62 @@ class Result:
 
 # --------------------------------------------------------------------------- the images
 
-def source_images(workdir: Path, count: int) -> Path:
-    """`count` 256x256 JPEGs (q90) from the offline sample, listed as `path label` lines in
-    images.txt: every loader reads exactly these files."""
-    listing = workdir / "images.txt"
+SOURCES = ("sample", "photos")
+PHOTO_CLASSES = 10
+
+
+def source_images(workdir: Path, count: int, source: str) -> Path:
+    """`count` files listed as `path label` lines in images-SOURCE.txt, under
+    workdir/SOURCE: every loader reads exactly these files."""
+    listing = workdir / f"images-{source}.txt"
     if listing.exists() and len(listing.read_text().splitlines()) == count:
         return listing
+    return (_sample_files if source == "sample" else _photo_files)(workdir, count, listing)
+
+
+def _photo_files(workdir: Path, count: int, listing: Path) -> Path:
+    """Real photographs of mixed sizes and qualities (see the module's docstring)."""
+    import random
+
+    from pipeline.testing.pictures import photographs
+
+    photos = list(photographs().values())
+    rng = random.Random(0)
+    lines = []
+    for number in range(count):
+        label = number % PHOTO_CLASSES
+        image = _random_crop(photos[rng.randrange(len(photos))], rng)
+        shorter = round(math.exp(rng.uniform(math.log(160), math.log(1200))))
+        scale = shorter / min(image.size)
+        image = image.resize((max(1, round(image.width * scale)),
+                              max(1, round(image.height * scale))), Image.BICUBIC)
+        folder = workdir / "photos" / f"c{label:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if rng.random() < 1 / 12:
+            out = folder / f"{number:06d}.png"
+            image.save(out, "PNG")
+        else:
+            out = folder / f"{number:06d}.jpg"
+            image.save(out, "JPEG", quality=rng.randint(50, 98),
+                       subsampling=0 if rng.random() < 0.2 else 2)
+        lines.append(f"{out} {label}")
+    listing.write_text("".join(f"{line}\n" for line in lines))
+    return listing
+
+
+def _random_crop(image: Image.Image, rng) -> Image.Image:
+    """A crop of a random aspect ratio (0.6-1.7) and 40-100% of the photo's shorter side."""
+    aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.7)))
+    side = min(image.size) * rng.uniform(0.4, 1.0)
+    width = min(image.width, round(side * math.sqrt(aspect)))
+    height = min(image.height, round(side / math.sqrt(aspect)))
+    left = rng.randint(0, image.width - width)
+    top = rng.randint(0, image.height - height)
+    return image.crop((left, top, left + width, top + height))
+
+
+def _sample_files(workdir: Path, count: int, listing: Path) -> Path:
+    """256x256 JPEGs (q90) from the offline sample."""
     from pipeline.ml.preprocess import square_image
     from pipeline.testing import make_sample
 
@@ -122,11 +187,11 @@ def read_listing(listing: Path) -> list[tuple[str, int]]:
             for line in listing.read_text().splitlines()]
 
 
-def our_manifest(workdir: Path, listing: Path) -> Path:
+def our_manifest(workdir: Path, listing: Path, source: str) -> Path:
     """The same files as a `pipeline label`-style manifest folder (paths relative to a root)."""
-    folder = workdir / "manifests"
+    folder = workdir / f"manifests-{source}"
     folder.mkdir(exist_ok=True)
-    root = workdir / "jpegs"
+    root = workdir / ("jpegs" if source == "sample" else "photos")
     items = read_listing(listing)
     (folder / "root.txt").write_text(f"{os.path.relpath(root, folder)}\n")
     (folder / "train.txt").write_text("".join(
@@ -204,15 +269,18 @@ def versions(python: Path, modules: list[str]) -> str:
 # --------------------------------------------------------------------------- the cases
 # Each runs in its own process (`--step pack|load --case NAME`), under the right venv.
 
-def pack_case(case: str, listing: Path, out: Path, workers: int) -> None:
+def pack_case(case: str, listing: Path, out: Path, workers: int, source: str) -> None:
     items = read_listing(listing)
+    read = _resized_jpeg if source == "photos" else (lambda path: Path(path).read_bytes())
     if case.startswith("FFCV"):
         _ffcv_pack(items, out, "raw" if case == "FFCV raw" else "jpg", workers)
     elif case == "LitData":
         import litdata
 
-        litdata.optimize(fn=_litdata_sample, inputs=items, output_dir=str(out),
-                         chunk_bytes="64MB", num_workers=workers, mode="overwrite")
+        litdata.optimize(fn=_litdata_sample, inputs=[(path, label, source) for path, label
+                                                     in items],
+                         output_dir=str(out), chunk_bytes="64MB", num_workers=workers,
+                         mode="overwrite")
     elif case == "WebDataset":
         import webdataset
 
@@ -224,21 +292,33 @@ def pack_case(case: str, listing: Path, out: Path, workers: int) -> None:
                 for index, (path, label) in enumerate(items[number * per_shard:
                                                             (number + 1) * per_shard]):
                     writer.write({"__key__": f"{number:05d}{index:07d}",
-                                  "jpg": Path(path).read_bytes(), "cls": label})
+                                  "jpg": read(path), "cls": label})
     else:
         raise SystemExit(f"pack_case: unknown case {case!r}")
 
 
-def _litdata_sample(item: tuple[str, int]) -> dict:
-    path, label = item
-    return {"image": Path(path).read_bytes(), "label": label}
+def _litdata_sample(item: tuple[str, int, str]) -> dict:
+    path, label, source = item
+    data = _resized_jpeg(path) if source == "photos" else Path(path).read_bytes()
+    return {"image": data, "label": label}
+
+
+def _resized_jpeg(path: str) -> bytes:
+    """A photo at a shorter side of SIZE, re-encoded at QUALITY: what the peers that store
+    bytes as given are handed for --source photos."""
+    image = Image.open(path).convert("RGB")
+    scale = SIZE / min(image.size)
+    image = image.resize((max(SIZE, round(image.width * scale)),
+                          max(SIZE, round(image.height * scale))), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=QUALITY)
+    return buffer.getvalue()
 
 
 def _ffcv_pack(items: list[tuple[str, int]], out: Path, mode: str, workers: int) -> None:
     import numpy as np
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
-    from PIL import Image
 
     class Images:
         def __len__(self) -> int:
@@ -370,7 +450,8 @@ def run_case(case: Case, python: Path, args: argparse.Namespace, listing: Path,
                 str(args.workers), "--out", str(out)]
     else:
         argv = [str(python), str(SCRIPT), "--step", "pack", "--case", case.name, "--listing",
-                str(listing), "--data", str(out), "--workers", str(args.workers)]
+                str(listing), "--data", str(out), "--workers", str(args.workers),
+                "--source", args.source]
     worst = benchlib.wait_for_quiet(quiet)
     packed = benchlib.run_measured(argv, logs / f"{slug}-pack.log", timeout=args.run_timeout)
     figures = args.workdir / "logs" / f"{slug}-epochs.json"
@@ -393,7 +474,9 @@ def report(results: list[Result], skipped: dict[str, str], images: int, args) ->
         rows.append([r.case.name, r.case.kind, f"{r.pack_seconds:.1f}",
                      f"{r.pack_bytes / 2**20:.1f}", *[f"{e:.0f}" for e in r.epochs],
                      f"{r.rate:.0f}", f"{r.other_load:.0%}"])
-    print(f"\n{images} images of {SIZE}x{SIZE} (JPEG q{QUALITY}), random {CROP} crop + flip, "
+    what = (f"{SIZE}x{SIZE} JPEGs (q{QUALITY})" if args.source == "sample" else
+            "photographs of mixed sizes and qualities")
+    print(f"\n{images} {what}, packs at {SIZE} (JPEG q{QUALITY}), random {CROP} crop + flip, "
           f"uint8 NCHW, batch {args.batch_size}, {args.workers} workers, {args.epochs} "
           "epoch(s)")
     print(benchlib.format_table(rows))
@@ -429,6 +512,8 @@ def summary(results: list[Result]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", choices=SOURCES, default="sample",
+                        help="the bench's 256x256 JPEGs, or real photos of mixed sizes")
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -446,7 +531,7 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step == "pack":
-        pack_case(args.case, args.listing, args.data, args.workers)
+        pack_case(args.case, args.listing, args.data, args.workers, args.source)
         return
     if args.step == "load":
         rates = load_case(args.case, args.data, args.epochs, args.batch_size, args.workers)
@@ -454,8 +539,8 @@ def main() -> None:
         return
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    listing = source_images(args.workdir, args.images)
-    manifest = our_manifest(args.workdir, listing)
+    listing = source_images(args.workdir, args.images, args.source)
+    manifest = our_manifest(args.workdir, listing, args.source)
     skipped = ({peer: "--skip-peers" for peer in PEER_PACKAGES} if args.skip_peers
                else ensure_peers(args.peers_venv))
     python = args.peers_venv / "bin" / "python"

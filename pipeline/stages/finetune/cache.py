@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -52,6 +53,10 @@ CACHE_DIR_NAME = ".feature-cache"
 PASS_THROUGH = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
 BUILD_BATCH = 64
 SAVE_EVERY_SECONDS = 10.0
+# --cache-features auto times the build on its first batches: PROBE_BATCHES after the first
+# (which starts the loader's workers and warms the kernels), and at least PROBE_SECONDS.
+PROBE_BATCHES = 3
+PROBE_SECONDS = 10.0
 STORAGE = {"fp16": (np.float16, torch.float16), "bf16": (np.uint16, torch.bfloat16),
            "fp32": (np.float32, torch.float32)}
 
@@ -79,6 +84,66 @@ def pick_view(seed: int, epoch: int, index: int, views: int) -> int:
     if views == 1:
         return 0
     return random.Random(f"view {seed} {epoch} {index}").randrange(views)
+
+
+def break_even_epochs(build_seconds: float, trunk_seconds_per_image: float,
+                      images_per_epoch: int) -> int:
+    """Epochs after which a build of `build_seconds` has paid for itself: each epoch from the
+    cache saves the frozen layers' forward pass over the epoch's images (training and
+    validation), which is what reading the cached features replaces."""
+    saved_per_epoch = trunk_seconds_per_image * images_per_epoch
+    return math.ceil(build_seconds / max(saved_per_epoch, 1e-9))
+
+
+@dataclass
+class BuildPlan:
+    """--cache-features auto: how many epochs the cache would serve, and over how many images
+    each; the build goes on only if they repay it."""
+
+    epochs: int
+    images_per_epoch: int
+
+
+class NotWorthBuilding(Exception):
+    """The probe's estimate: the planned epochs would not repay the rest of the build."""
+
+
+@dataclass
+class _Probe:
+    """Times the first batches of a build (wall time per image and view, trunk time per
+    image) and decides once, per `BuildPlan`, whether the rest of the build pays."""
+
+    plan: BuildPlan
+    views_left: int  # image-views still to compute when the build (re)started, val included
+    batches: int = 0
+    started: float = 0.0
+    views: int = 0
+    images: int = 0
+    trunk_seconds: float = 0.0
+    decided: bool = False
+
+    def batch_done(self, views: int, images: int, trunk_seconds: float) -> None:
+        self.batches += 1
+        if self.batches == 1:  # start-up and warm-up: not what the rest will cost
+            self.started, self.views_left = time.monotonic(), self.views_left - views
+            return
+        self.views += views
+        self.images += images
+        self.trunk_seconds += trunk_seconds
+        elapsed = time.monotonic() - self.started
+        if self.decided or self.batches <= PROBE_BATCHES or elapsed < PROBE_SECONDS:
+            return
+        self.decided = True
+        remaining = elapsed / self.views * (self.views_left - self.views)
+        per_image = self.trunk_seconds / max(self.images, 1)
+        needed = break_even_epochs(remaining, per_image, self.plan.images_per_epoch)
+        verdict = (f"the rest of the build would take ~{remaining:.0f} s and each epoch from "
+                   f"the cache saves ~{per_image * self.plan.images_per_epoch:.1f} s of "
+                   f"frozen layers: it pays off after {needed} epoch(s), the run has "
+                   f"{self.plan.epochs}")
+        if self.plan.epochs <= needed:
+            raise NotWorthBuilding(verdict)
+        log.info("--cache-features auto: %s: building it", verdict)
 
 
 @dataclass
@@ -125,16 +190,33 @@ class FeatureCache:
     # -- building
 
     def ensure(self, trunk: nn.Module, config: FinetuneConfig, spec: InputSpec,
-               normalization: Normalization, device: torch.device) -> CacheInfo:
-        """Open the cache, building (or finishing) whatever is missing. Two runs sharing a
+               normalization: Normalization, device: torch.device,
+               plan: BuildPlan | None = None) -> CacheInfo | None:
+        """Open the cache, building (or finishing) whatever is missing; with a `plan`
+        (--cache-features auto), None when its first batches show that the planned epochs
+        would not repay the rest (a folder this call started is removed). Two runs sharing a
         key take turns: the second finds the cache the first built."""
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         with open(self.folder.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            return self._ensure(trunk, config, spec, normalization, device)
+            fresh = not self.folder.exists()
+            try:
+                return self._ensure(trunk, config, spec, normalization, device, plan)
+            except NotWorthBuilding as verdict:
+                log.info("--cache-features auto: %s: training from images instead", verdict)
+                if fresh:
+                    shutil.rmtree(self.folder, ignore_errors=True)
+                return None
+
+    def is_complete(self) -> bool:
+        """Whether a finished cache of this key is on disk (what other ranks check after
+        rank 0 built it, or decided not to)."""
+        state = self._usable_state()
+        return state is not None and bool(state.get("complete", False))
 
     def _ensure(self, trunk: nn.Module, config: FinetuneConfig, spec: InputSpec,
-                normalization: Normalization, device: torch.device) -> CacheInfo:
+                normalization: Normalization, device: torch.device,
+                plan: BuildPlan | None) -> CacheInfo:
         state = self._usable_state()
         reused = state is not None and state.get("complete", False)
         started = time.monotonic()
@@ -143,12 +225,16 @@ class FeatureCache:
         trunk_seconds = state.get("trunk_seconds_per_image", 0.0)
         splits = [("train", config.train, True)] + ([("val", config.val, False)]
                                                      if config.val else [])
-        for split, data, train in splits:
-            views = _Views(open_images(data, spec, train=False),
-                           open_images(data, spec, train=True, seed=config.seed) if train
-                           else None)
+        opened = [(split, _Views(open_images(data, spec, train=False),
+                                 open_images(data, spec, train=True, seed=config.seed)
+                                 if train else None), train)
+                  for split, data, train in splits]
+        probe = None if plan is None or reused else _Probe(plan, sum(
+            (len(views) - state["done"].get(split, 0)) * (config.cache_views if train else 1)
+            for split, views, train in opened))
+        for split, views, train in opened:
             trunk_seconds = self._build(split, views, train, trunk, config, normalization,
-                                        device, state) or trunk_seconds
+                                        device, state, probe) or trunk_seconds
         state.update(complete=True, trunk_seconds_per_image=trunk_seconds)
         self._save_state(state)
         size = sum(p.stat().st_size for p in self.folder.iterdir())
@@ -194,9 +280,10 @@ class FeatureCache:
     @torch.no_grad()
     def _build(self, split: str, images: _Views, train: bool, trunk: nn.Module,
                config: FinetuneConfig, normalization: Normalization, device: torch.device,
-               state: dict[str, Any]) -> float:
+               state: dict[str, Any], probe: _Probe | None = None) -> float:
         """Fill `split`.npy from where an interrupted build stopped; seconds of trunk per image
-        (one view), or 0 when there was nothing left to do."""
+        (one view), or 0 when there was nothing left to do. `probe` may stop it early
+        (NotWorthBuilding)."""
         views = config.cache_views if train else 1
         count = len(images)
         done = state["done"].get(split, 0)
@@ -222,6 +309,8 @@ class FeatureCache:
                     pixels = pixels.contiguous(memory_format=torch.channels_last)
                 features = _to_storage(trunk(pixels), config.cache_dtype)
             trunk_seconds += time.monotonic() - started
+            if probe is not None:
+                probe.batch_done(len(keys), len(batch.labels), time.monotonic() - started)
             good = iter(range(len(batch.labels)))
             for index, view, ok in keys:
                 if not ok:

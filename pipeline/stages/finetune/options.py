@@ -16,6 +16,7 @@ from pipeline.ml.archs import ARCHS
 
 SCHEDULES = ("step", "cosine", "plateau")
 CACHE_DTYPES = ("fp16", "bf16", "fp32")
+CACHE_MODES = ("off", "on", "auto")  # --cache-features
 DECODE_DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -79,9 +80,12 @@ class FinetuneConfig:
         "GPUs)."))
     max_steps: int | None = option(None, type=int, min=1, hidden=True, help=(
         "A hard cap on optimizer steps per epoch (smoke runs)."))
-    cache_features: bool = option(False, help=(
+    cache_features: str = option("off", choices=CACHE_MODES, flag_value="on", help=(
         "Compute the frozen layers' output once per image and view, store it, and train the "
-        "rest from it (much faster per epoch; see docs/TRAINING.md)."))
+        "rest from it: much faster per epoch, after a build that costs about --cache-views "
+        "live epochs (docs/TRAINING.md). auto: build it only when the planned epochs repay "
+        "the build, as measured on its first batches (a finished cache is always used). "
+        "The bare flag means on."))
     cache_views: int = option(8, min=1, help=(
         "Augmented views cached per training image (view 0: the centre crop); each epoch "
         "trains on one of them."))
@@ -107,7 +111,8 @@ def check_config(config: FinetuneConfig) -> None:
     _check_choice("--precision", config.precision, PRECISIONS)
     _check_choice("--cache-dtype", config.cache_dtype, CACHE_DTYPES)
     _check_choice("--decode-device", config.decode_device, DECODE_DEVICES)
-    if config.cache_features and config.decode_device == "cuda":
+    _check_choice("--cache-features", config.cache_features, CACHE_MODES)
+    if config.cache_features != "off" and config.decode_device == "cuda":
         raise InputError("--decode-device cuda decodes live training batches; --cache-features "
                          "builds its cache from CPU-decoded images (drop one of them)")
     if config.crop > config.resize:
@@ -119,7 +124,7 @@ def check_config(config: FinetuneConfig) -> None:
     if config.schedule == "plateau" and config.val is None:
         raise InputError("--schedule plateau lowers the rate when validation top-1 stops "
                          "improving: it needs --val")
-    if config.cache_features and config.freeze_until in (None, "none"):
+    if config.cache_features != "off" and config.freeze_until in (None, "none"):
         raise InputError("--cache-features caches the frozen layers' output, and nothing is "
                          "frozen: pass --freeze-until LAYER (see `pipeline layers`)")
     if config.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:

@@ -9,7 +9,6 @@ epoch). Under `torchrun` it trains with DistributedDataParallel; only rank 0 wri
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,14 @@ from pipeline.ml.models import (
 )
 from pipeline.ml.normalization import Normalization
 from pipeline.ml.preprocess import InputSpec
-from pipeline.stages.finetune.cache import CacheInfo, FeatureCache, features_to_input, split_model
+from pipeline.stages.finetune.cache import (
+    BuildPlan,
+    CacheInfo,
+    FeatureCache,
+    break_even_epochs,
+    features_to_input,
+    split_model,
+)
 from pipeline.stages.finetune.distributed import Ranks, init_distributed, shutdown
 from pipeline.stages.finetune.loop import EpochStats, train_one_epoch
 from pipeline.stages.finetune.optim import (
@@ -89,15 +95,17 @@ def _train(config: FinetuneConfig, ranks: Ranks) -> dict[str, Any]:
                           _normalization(config, weights, spec))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     parts = _Parts(config, ranks, spec, state, frozen)
-    feed = (_cached_feed(parts, train_images, val_images) if config.cache_features
-            else _image_feed(parts, train_images, val_images))
-
     saver = RunSaver(config.out, RunIdentity(config.arch, train_images.classes, spec,
                                              config.to_json()), config.tensorboard,
                      every=config.checkpoint_every)
-    if config.resume:
+    if config.resume:  # before the feed: a cache is keyed by the run's own normalization
         saver.restore(state)
     first_epoch = state.epoch + 1
+    feed = None
+    if config.cache_features != "off":
+        feed = _cached_feed(parts, train_images, val_images, config.epochs - state.epoch)
+    if feed is None:
+        feed = _image_feed(parts, train_images, val_images)
     if ranks.is_main:
         saver.start()
         _log_summary(parts, len(train_images.classes), len(train_images))
@@ -118,7 +126,8 @@ def _train(config: FinetuneConfig, ranks: Ranks) -> dict[str, Any]:
         return {}
     metrics = {"epochs": config.epochs, "best_val_top1": state.best_top1, **last}
     if feed.cache is not None:
-        summary = _cache_summary(feed.cache, len(train_images), config.epochs - first_epoch + 1)
+        images = len(train_images) + (len(val_images) if val_images is not None else 0)
+        summary = _cache_summary(feed.cache, images, config.epochs - first_epoch + 1)
         metrics["feature_cache"] = summary
         log.info("feature cache: built in %.0f s, pays for itself after %d epoch(s) (the frozen "
                  "layers cost ~%.1f s an epoch live); this run saved ~%.0f s",
@@ -228,20 +237,26 @@ def _decode_device(parts: _Parts, train: Dataset) -> torch.device | None:
     return parts.ranks.device
 
 
-def _cached_feed(parts: _Parts, train: Any, val: Any | None) -> _Feed:
-    """The head trains on the frozen trunk's cached output; the model stays whole."""
+def _cached_feed(parts: _Parts, train: Any, val: Any | None, epochs_left: int) -> _Feed | None:
+    """The head trains on the frozen trunk's cached output; the model stays whole. None when
+    --cache-features auto finds that the `epochs_left` would not repay the build."""
     config, ranks, spec = parts.config, parts.ranks, parts.spec
     normalization = parts.state.normalization
     trunk, head = split_model(parts.state.model, parts.frozen)
     cache = FeatureCache.for_run(config, trunk, spec, normalization)
+    plan = (BuildPlan(epochs_left, len(train) + (len(val) if val is not None else 0))
+            if config.cache_features == "auto" else None)
     # Building draws on torch's RNG (loader seeds): training must not depend on whether
     # the cache was built or found, or a resumed run would see other dropout masks.
     with torch.random.fork_rng(devices=[]):
         if ranks.is_main:
-            info = cache.ensure(trunk, config, spec, normalization, ranks.device)
-        ranks.barrier()  # the others read what rank 0 built
+            info = cache.ensure(trunk, config, spec, normalization, ranks.device, plan)
+        ranks.barrier()  # the others read what rank 0 built (or did not: auto)
         if not ranks.is_main:
-            info = cache.ensure(trunk, config, spec, normalization, ranks.device)
+            info = (cache.ensure(trunk, config, spec, normalization, ranks.device)
+                    if plan is None or cache.is_complete() else None)
+    if info is None:
+        return None
     cached_train = cache.dataset("train", train.labels, train=True, seed=config.seed)
     cached_val = (cache.dataset("val", val.labels, train=False, seed=config.seed)
                   if val is not None else None)
@@ -317,12 +332,13 @@ def _log_summary(parts: _Parts, classes: int, train_count: int) -> None:
              f"{total:,}", ranks.device, config.precision, ranks.world)
 
 
-def _cache_summary(info: CacheInfo, train_count: int, epochs: int) -> dict[str, Any]:
+def _cache_summary(info: CacheInfo, images_per_epoch: int, epochs: int) -> dict[str, Any]:
     """What the cache cost and saved: its build is paid once, and each epoch from it saves the
-    frozen layers' forward pass over the training set; it pays for itself after
-    `break_even_epochs` (a reused cache at once)."""
-    per_epoch = info.trunk_seconds_per_image * train_count
+    frozen layers' forward pass over the training and validation images; it pays for itself
+    after `break_even_epochs` (a reused cache at once)."""
+    per_epoch = info.trunk_seconds_per_image * images_per_epoch
     saved = per_epoch * epochs - (0.0 if info.reused else info.build_seconds)
-    break_even = 0 if info.reused else math.ceil(info.build_seconds / max(per_epoch, 1e-9))
+    break_even = 0 if info.reused else break_even_epochs(
+        info.build_seconds, info.trunk_seconds_per_image, images_per_epoch)
     return {**info.to_json(), "trunk_seconds_saved_estimate": round(saved, 1),
             "trunk_seconds_per_epoch": round(per_epoch, 2), "break_even_epochs": break_even}
