@@ -165,7 +165,7 @@ def _tdmrep_rules(text: str | None) -> list[tuple[str, bool, str]]:
     try:
         data: Any = json.loads(text)
     except ValueError:
-        log.info("%s is not JSON: no reservation read from it", TDMREP_PATH)
+        log.debug("%s is not JSON: no reservation read from it", TDMREP_PATH)
         return []
     if not isinstance(data, list):
         return []
