@@ -101,7 +101,7 @@ class SitePolicy:
 
     @classmethod
     def parse(cls, files: SiteFiles) -> SitePolicy:
-        robots = Protego.parse(files.robots) if files.robots else None
+        robots = _parse_robots(files.robots) if files.robots else None
         tdm, policies = _parse_tdmrep(files.tdmrep)
         return cls(robots, tdm, policies)
 
@@ -146,6 +146,16 @@ def _deciding_rule(parser: Protego, url: str) -> tuple[str, str]:
     return URL(url, encoded=True).raw_path, "?"
 
 
+def _parse_robots(text: str) -> Protego | None:
+    """A site's file is anybody's text: one protego cannot parse restricts nothing (RFC 9309
+    asks crawlers to use what they can parse), and never stops the run."""
+    try:
+        return Protego.parse(text)
+    except Exception as exc:  # noqa: BLE001 - whatever the parser chokes on, see above
+        log.debug("robots.txt not parsed (%s: %s): no restriction read", type(exc).__name__, exc)
+        return None
+
+
 def _parse_tdmrep(text: str | None) -> tuple[Protego | None, dict[str, str]]:
     """tdmrep.json as robots.txt rules for `*`; None when it reserves nothing."""
     rules = _tdmrep_rules(text)
@@ -154,7 +164,7 @@ def _parse_tdmrep(text: str | None) -> tuple[Protego | None, dict[str, str]]:
     lines = ["User-agent: *"] + [f"{'Disallow' if reserved else 'Allow'}: {location}"
                                  for location, reserved, _ in rules]
     policies = {location: policy for location, reserved, policy in rules if policy}
-    return Protego.parse("\n".join(lines)), policies
+    return _parse_robots("\n".join(lines)), policies
 
 
 def _tdmrep_rules(text: str | None) -> list[tuple[str, bool, str]]:
@@ -174,7 +184,8 @@ def _tdmrep_rules(text: str | None) -> list[tuple[str, bool, str]]:
         if not isinstance(rule, dict) or not isinstance(rule.get("location"), str):
             continue
         location = rule["location"].strip() or "/"
-        reserved = str(rule.get("tdm-reservation", "0")).strip() == "1"
+        value = rule.get("tdm-reservation", 0)
+        reserved = value is True or str(value).strip() == "1"
         policy = rule.get("tdm-policy")
         rules.append((location if location.startswith("/") else "/" + location, reserved,
                       policy if isinstance(policy, str) else ""))
