@@ -44,6 +44,17 @@ def test_no_file_an_empty_file_or_a_foreign_group_restrict_nothing():
         assert rules.refusal(URL + "a.jpg") is None
 
 
+def test_a_file_the_parser_chokes_on_restricts_nothing(monkeypatch):
+    from pipeline.stages.gather import consent
+
+    def choke(text):
+        raise RecursionError("deeply nested")
+
+    monkeypatch.setattr(consent.Protego, "parse", staticmethod(choke))
+    rules = policy("User-agent: *\nDisallow: /", '[{"location": "/", "tdm-reservation": 1}]')
+    assert not rules.restricts and rules.refusal(URL + "a.jpg") is None
+
+
 def test_crawl_delay_for_us_is_read_and_capped():
     assert policy("User-agent: *\nCrawl-delay: 2\n").crawl_delay == 2.0
     assert policy("User-agent: *\nCrawl-delay: 3600\n").crawl_delay == MAX_CRAWL_DELAY
@@ -60,7 +71,9 @@ def test_tdmrep_json_reserves_its_locations_with_their_policy():
     assert "policy https://site.test/tdm-policy.json" in refusal
     assert rules.refusal(URL + "private/open/a.jpg") is None
     assert rules.refusal(URL + "public/a.jpg") is None
-    for broken in ("not json", '{"location": "/"}', '[{"tdm-reservation": 1}]', "[]"):
+    assert policy(tdmrep='[{"location": "/", "tdm-reservation": true}]').restricts
+    for broken in ("not json", '{"location": "/"}', '[{"tdm-reservation": 1}]', "[]",
+                   '[{"location": "/", "tdm-reservation": "maybe"}]'):
         assert not policy(tdmrep=broken).restricts
 
 

@@ -30,6 +30,7 @@ import aiohttp
 from protego import Protego
 from yarl import URL
 
+from pipeline.formats.journal import RETRYABLE_STATUSES
 from pipeline.stages.gather.http import Attempt, fetch_policy_file
 from pipeline.stages.gather.names import Resolver
 from pipeline.stages.gather.options import PRODUCT_TOKEN, GatherOptions
@@ -60,9 +61,12 @@ async def fetch_site_files(session: aiohttp.ClientSession, url: str, options: Ga
         if answer.outcome == "unreachable":  # no connection: the breaker's to judge
             return answer
         if _robots_unreachable(answer):
+            # Retried in the run when an image would be: a 5xx/429, a reset; a timeout waits
+            # for the next run.
+            retry = answer.retry or answer.http_status in RETRYABLE_STATUSES
             return Attempt("robots_unreachable", final=False, http_status=answer.http_status,
-                           retry=True, error=f"robots.txt unreachable ({answer.error}): RFC "
-                                             "9309 says to assume complete disallow")
+                           retry=retry, error=f"robots.txt unreachable ({answer.error}): RFC "
+                                              "9309 says to assume complete disallow")
         robots = _text(answer)
     tdmrep = None
     if options.honour_opt_out:

@@ -12,7 +12,9 @@ attempt per URL, and blames a host only for the host's own failures:
   file descriptors, no local port, no route), and any failure while the trouble looks local
   (`LocalTrouble`: many unrelated sites failing at once while nobody answers).
 - A host's policy files (robots.txt, tdmrep.json: `consent`) are asked for by its first URL,
-  alone in flight; its other URLs wait for the answer (`needs_policy`, `set_policy`).
+  alone in flight; its other URLs wait for the answer (`needs_policy`, `set_policy`). Once
+  that first try failed to connect, the next ones (each asking too) go PROBE_AT_ONCE at a
+  time, so a dead host is given up as soon as before.
 - Until it has answered once, a host gets PROBE_AT_ONCE attempts at once (its probe). After
   `host_failures` failures in a row the breaker opens: the host's URLs wait, and `down_after`
   seconds after the first of those failures one URL is tried again (half-open). Only if that
@@ -164,10 +166,13 @@ class HostBook:
                    - state.in_flight)
 
     def _limit(self, state: HostState) -> int:
-        if (self.ask_policy and state.policy is None) or state.crawl_delay:
-            return 1
+        if state.crawl_delay or (self.ask_policy and state.policy is None
+                                 and not state.failures):
+            return 1  # its first URL asks for its policy alone (or, a crawl delay: always)
         if state.answers:
             return self.per_host
+        # Not answered yet (its policy included, once its first try failed: a dead host's
+        # failures then come in pairs, as before policies were asked).
         return min(self.per_host, PROBE_AT_ONCE, self.max_failures - state.failures)
 
     def _resolved(self, host: str, state: HostState) -> bool:
