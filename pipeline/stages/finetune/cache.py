@@ -222,7 +222,7 @@ class FeatureCache:
         started = time.monotonic()
         if state is None:
             state = self._start()
-        trunk_seconds = state.get("trunk_seconds_per_image", 0.0)
+        timed_seconds, timed_images = 0.0, 0
         splits = [("train", config.train, True)] + ([("val", config.val, False)]
                                                      if config.val else [])
         opened = [(split, _Views(open_images(data, spec, train=False),
@@ -233,8 +233,12 @@ class FeatureCache:
             (len(views) - state["done"].get(split, 0)) * (config.cache_views if train else 1)
             for split, views, train in opened))
         for split, views, train in opened:
-            trunk_seconds = self._build(split, views, train, trunk, config, normalization,
-                                        device, state, probe) or trunk_seconds
+            seconds, images = self._build(split, views, train, trunk, config, normalization,
+                                          device, state, probe)
+            timed_seconds, timed_images = timed_seconds + seconds, timed_images + images
+        # Over every image this build computed (both splits), else what an earlier one saved.
+        trunk_seconds = (timed_seconds / timed_images if timed_images
+                         else state.get("trunk_seconds_per_image", 0.0))
         state.update(complete=True, trunk_seconds_per_image=trunk_seconds)
         self._save_state(state)
         size = sum(p.stat().st_size for p in self.folder.iterdir())
@@ -280,15 +284,15 @@ class FeatureCache:
     @torch.no_grad()
     def _build(self, split: str, images: _Views, train: bool, trunk: nn.Module,
                config: FinetuneConfig, normalization: Normalization, device: torch.device,
-               state: dict[str, Any], probe: _Probe | None = None) -> float:
-        """Fill `split`.npy from where an interrupted build stopped; seconds of trunk per image
-        (one view), or 0 when there was nothing left to do. `probe` may stop it early
+               state: dict[str, Any], probe: _Probe | None = None) -> tuple[float, int]:
+        """Fill `split`.npy from where an interrupted build stopped; (seconds of trunk, images
+        through it), (0, 0) when there was nothing left to do. `probe` may stop it early
         (NotWorthBuilding)."""
         views = config.cache_views if train else 1
         count = len(images)
         done = state["done"].get(split, 0)
         if done >= count:
-            return 0.0
+            return 0.0, 0
         feature_shape = _output_shape(trunk, images, device, normalization)
         shape = [count, views, *feature_shape] if train else [count, *feature_shape]
         array = self._open_array(split, shape, fresh=done == 0)
@@ -329,7 +333,7 @@ class FeatureCache:
                 saved_at = time.monotonic()
         progress.close()
         self._checkpoint(array, state, split, count, skipped)
-        return trunk_seconds / max(computed, 1)
+        return trunk_seconds, computed
 
     def _open_array(self, split: str, shape: list[int], fresh: bool) -> np.memmap:
         path = self.folder / f"{split}.npy"
