@@ -38,6 +38,14 @@ def test_the_longest_match_wins_and_allow_wins_a_tie():
     assert rules.refusal(URL + "b.png?size=2") is None  # "$" ends the pattern
 
 
+def test_the_made_up_path_probe_is_asked_only_where_the_files_allow_it():
+    assert policy().allows_made_up_path(URL + "img/a.jpg")  # no files: nothing to check
+    folder = policy("User-agent: *\nDisallow: /img/*absent\n")
+    assert folder.refusal(URL + "img/a.jpg") is None
+    assert not folder.allows_made_up_path(URL + "img/a.jpg")
+    assert folder.allows_made_up_path(URL + "other/a.jpg")
+
+
 def test_no_file_an_empty_file_or_a_foreign_group_restrict_nothing():
     for robots in (None, "", "User-agent: otherbot\nDisallow: /\n", "<html>soft 404</html>"):
         rules = policy(robots)
@@ -121,15 +129,22 @@ def run_options(out: Path, **overrides) -> GatherOptions:
     return GatherOptions(**{**values, **overrides})
 
 
-@pytest.mark.slow
-def test_gather_honours_robots_txt_and_tdmrep_and_asks_each_host_once(sample, tmp_path):
+def gather_sites(sample: Path, tmp_path: Path, **overrides):
+    """Gather the SITES list from a mirror serving SITES' files: (id -> (host, route), the
+    journal, the mirror's request counts, the report, the mirror's port)."""
     with serve_in_thread(sample, site_files=SITES) as mirror:
         port = int(mirror.base_url.rsplit(":", 1)[1])
         expected = write_list(sample, port, tmp_path / "urls.txt")
         wnid = next(iter(expected)).split("_")[0]
-        report = gather_synsets(tmp_path / "urls.txt", [wnid], run_options(tmp_path / "raw"))
+        report = gather_synsets(tmp_path / "urls.txt", [wnid],
+                                run_options(tmp_path / "raw", **overrides))
         stats = mirror.stats()
-    journal = read_journal(tmp_path / "raw" / "gather.jsonl")
+    return expected, read_journal(tmp_path / "raw" / "gather.jsonl"), stats, report, port
+
+
+@pytest.mark.slow
+def test_gather_honours_robots_txt_and_tdmrep_and_asks_each_host_once(sample, tmp_path):
+    expected, journal, stats, report, port = gather_sites(sample, tmp_path)
     outcomes = {host_route: Counter() for host_route in set(expected.values())}
     for image_id, host_route in expected.items():
         outcomes[host_route][journal[image_id]["outcome"]] += 1
@@ -167,14 +182,7 @@ def test_gather_honours_robots_txt_and_tdmrep_and_asks_each_host_once(sample, tm
 
 @pytest.mark.slow
 def test_ignore_robots_is_an_explicit_choice(sample, tmp_path):
-    with serve_in_thread(sample, site_files=SITES) as mirror:
-        port = int(mirror.base_url.rsplit(":", 1)[1])
-        expected = write_list(sample, port, tmp_path / "urls.txt")
-        wnid = next(iter(expected)).split("_")[0]
-        gather_synsets(tmp_path / "urls.txt", [wnid],
-                       run_options(tmp_path / "raw", honour_robots=False))
-        stats = mirror.stats()
-    journal = read_journal(tmp_path / "raw" / "gather.jsonl")
+    expected, journal, stats, _, _ = gather_sites(sample, tmp_path, honour_robots=False)
     by_host = Counter((expected[i][0], r["outcome"]) for i, r in journal.items())
     assert by_host[("star.test", "ok")] == by_host[("broken.test", "ok")] == 2 * PER_ROUTE
     assert by_host[("tdm.test", "opted_out")] == PER_ROUTE  # TDMRep is --ignore-opt-out's to skip

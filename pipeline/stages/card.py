@@ -121,8 +121,9 @@ def write_card(manifests: Path, *, name: str | None = None, description: str | N
     journal = journal or root / JOURNAL_NAME
     sources, gather_left, timeframe = _read_journal(journal)
     left_out = gather_left + _validate_left_out(validate_log or VALIDATE.report_of(root))
-    left_out += _label_left_out(manifests)
-    flags = {row["path"]: row["flags"] for row in _quality_rows(manifests)}
+    quality = _quality_rows(manifests)
+    left_out += _label_left_out(manifests, quality)
+    flags = {row["path"]: row["flags"] for row in quality}
     digests = _sha256_all([root / path for path, _, _ in rows], workers)
     records = manifests / RECORDS_FILE
     with_source = _write_records(records, rows, classes, digests, sources, flags)
@@ -188,13 +189,14 @@ def _validate_left_out(path: Path) -> Counter[tuple[str, str]]:
     return Counter(("validate", reason) for reason in reasons.values())
 
 
-def _label_left_out(manifests: Path) -> Counter[tuple[str, str]]:
+def _label_left_out(manifests: Path, quality: list[dict[str, str]]
+                    ) -> Counter[tuple[str, str]]:
     """label's drops: copies across classes (conflicts.txt) and --drop-quality (quality.csv)."""
     left: Counter[tuple[str, str]] = Counter()
     if (manifests / CONFLICTS_FILE).exists():
         left["label", "cross_class_duplicate"] = sum(
             row["action"] == "dropped" for row in read_conflicts(manifests))
-    left["label", "quality"] = sum(row["dropped"] == "yes" for row in _quality_rows(manifests))
+    left["label", "quality"] = sum(row["dropped"] == "yes" for row in quality)
     return +left
 
 

@@ -312,9 +312,10 @@ class FeatureCache:
                 if config.channels_last:
                     pixels = pixels.contiguous(memory_format=torch.channels_last)
                 features = _to_storage(trunk(pixels), config.cache_dtype)
-            trunk_seconds += time.monotonic() - started
+            spent = time.monotonic() - started
+            trunk_seconds += spent
             if probe is not None:
-                probe.batch_done(len(keys), len(batch.labels), time.monotonic() - started)
+                probe.batch_done(len(keys), len(batch.labels), spent)
             good = iter(range(len(batch.labels)))
             for index, view, ok in keys:
                 if not ok:

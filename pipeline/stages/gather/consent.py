@@ -31,7 +31,7 @@ from protego import Protego
 from yarl import URL
 
 from pipeline.formats.journal import RETRYABLE_STATUSES
-from pipeline.stages.gather.http import Attempt, fetch_policy_file
+from pipeline.stages.gather.http import Attempt, fetch_policy_file, made_up_url
 from pipeline.stages.gather.names import Resolver
 from pipeline.stages.gather.options import PRODUCT_TOKEN, GatherOptions
 
@@ -118,6 +118,11 @@ class SitePolicy:
     def crawl_delay(self) -> float | None:
         delay = self.robots.crawl_delay(PRODUCT_TOKEN) if self.robots is not None else None
         return min(delay, MAX_CRAWL_DELAY) if delay else None
+
+    def allows_made_up_path(self, url: str) -> bool:
+        """Whether the host's files let us ask for a made-up path beside `url` (what the
+        worker requests to find the host's placeholder picture)."""
+        return not self.restricts or self.refusal(made_up_url(url)) is None
 
     def refusal(self, url: str) -> str | None:
         """Why the site refuses `url` to us (the rule that matched), or None."""

@@ -33,7 +33,7 @@ from pipeline.formats.urllist import (
 )
 from pipeline.stages.gather.consent import SitePolicy
 from pipeline.stages.gather.hosts import HostBook, host_key
-from pipeline.stages.gather.http import Attempt, made_up_url
+from pipeline.stages.gather.http import Attempt
 from pipeline.stages.gather.names import NameService
 from pipeline.stages.gather.options import GatherOptions
 from pipeline.stages.gather.schedule import Job, Scheduler
@@ -303,8 +303,8 @@ class _Run:
                                 str(target_stem(self.options.out, job.entry)),
                                 job.read_timeout, self.hosts.addresses(job.host),
                                 ask_policy=self.hosts.needs_policy(job.host),
-                                may_probe=policy is None or not policy.restricts
-                                or policy.refusal(made_up_url(job.entry.url)) is None))
+                                may_probe=policy is None
+                                or policy.allows_made_up_path(job.entry.url)))
         pool.flush()
 
     def _refuse(self, job: Job, refusal: str) -> None:

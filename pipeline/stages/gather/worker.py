@@ -224,7 +224,7 @@ async def _ask_policy(session: aiohttp.ClientSession, resolver: Resolver, reques
     refusal = policy.refusal(request.url)
     if refusal is not None:
         return fetched, Attempt("opted_out", final=True, error=refusal)
-    request.may_probe = policy.refusal(made_up_url(request.url)) is None
+    request.may_probe = policy.allows_made_up_path(request.url)
     return fetched, None
 
 
