@@ -324,6 +324,26 @@ def test_probes_of_unanswered_hosts_take_at_most_their_budget_of_slots():
     assert scheduler.next(0.1) is None
 
 
+def test_first_contacts_start_while_the_downloads_slots_are_full():
+    """Black-holed hosts hold a first contact for --timeout each: those must not wait for the
+    downloads' slots, nor take them (the caller says when they are full: may_download)."""
+    book = HostBook(per_host=4, max_failures=5)
+    book.record("big", connection_failed=False, started=0.0, now=0.0)
+    work = entries("a", ["big"], 20) + entries("a", [f"small{k}" for k in range(6)], 1)
+    scheduler = scheduler_of(work, Counter(), None, book, probe_budget=3)
+    probes = [scheduler.next(0.0, may_download=False) for _ in range(3)]
+    assert [job.host for job in probes] == ["small0", "small1", "small2"]
+    assert scheduler.probing == 3
+    assert scheduler.next(0.0, may_download=False) is None  # the first contacts' budget spent
+    assert scheduler.next(0.0).host == "big"  # downloads may still start
+    scheduler.finished(probes[0])
+    assert scheduler.probing == 2
+    assert scheduler.next(0.0, may_download=False).host == "small3"
+    assert scheduler.next(0.0, may_download=False) is None
+    assert [scheduler.next(0.0).host for _ in range(3)] == ["big"] * 3  # per_host 4 in all
+    assert scheduler.next(0.0) is None
+
+
 def test_read_timeout_fits_the_host_after_a_few_answers():
     book = HostBook(per_host=4, max_failures=5)
     for k in range(3):

@@ -186,10 +186,10 @@ def test_many_hostnames_per_host_limit_and_dead_hosts_cost_a_few_attempts(
         assert by_host[host.name] == {"ok": 8}
         assert after[host.name]["max_open"] <= per_host  # counted by the server
     assert max(after[h.name]["max_open"] for h in alive) == per_host  # the limit was reached
-    # 160 photos, robots.txt and tdmrep.json once per host, and a made-up path per host and
-    # worker (what it answers for a lost photo).
+    # 160 photos, and once per host (not per worker process): robots.txt, tdmrep.json and a
+    # made-up path (what it answers for a lost photo).
     requests = sum(after[h.name]["requests"] - before[h.name]["requests"] for h in alive)
-    assert 160 + 3 * len(alive) <= requests <= 160 + 4 * len(alive)
+    assert requests == 160 + 3 * len(alive)
     for host in web.hosts:
         if host.behaviour == "alive":
             continue

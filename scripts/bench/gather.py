@@ -621,7 +621,8 @@ def world_ours(setup: Setup, out: Path, run: Run, lines: list[dict[str, Any]],
     notes = ["kept by expected outcome: "
              + ", ".join(f"{name} {count}" for name, count in by_expected.most_common()),
              f"placeholder pictures (sha256) among them: {digests}",
-             f"DNS queries: {setup.dns_queries() - queries}" if setup.dns_queries else ""]
+             f"DNS queries: {setup.dns_queries() - queries}" if setup.dns_queries else "",
+             kept_over_time(times, started)]
     if len(lines) > len(records):
         notes.append(f"{len(lines) - len(records)} journal lines superseded by a later record "
                      "of the same id")
@@ -632,6 +633,20 @@ def world_ours(setup: Setup, out: Path, run: Run, lines: list[dict[str, Any]],
         "; ".join(filter(None, notes)),
         unexpected=len(kept) - by_expected["ok"] - by_expected["placeholder"],
         last_image=max(times) - started if times else 0.0)
+
+
+PERCENTS = (25, 50, 75, 90, 99)
+
+
+def kept_over_time(times: list[float], started: float) -> str:
+    """When the kept images landed: a rate up to the last image is set by the slowest one, so
+    this tells a slow tail from a slow rate."""
+    if not times:
+        return ""
+    ordered = sorted(time_ - started for time_ in times)
+    at = [ordered[min(len(ordered) - 1, len(ordered) * share // 100)] for share in PERCENTS]
+    marks = ", ".join(f"{share}% at {when:.1f} s" for share, when in zip(PERCENTS, at, strict=True))
+    return f"kept images by time: {marks}, last at {ordered[-1]:.1f} s"
 
 
 def count_placeholder_files(folder: Path, digests: set[str]) -> int:
@@ -1265,6 +1280,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default=Path(tempfile.gettempdir()) / "bench_gather",
                         help="sample, lists and outputs; the 10M-line list is cached here")
     parser.add_argument("--skip-img2dataset", action="store_true")
+    parser.add_argument("--keep-runs", action="store_true",
+                        help="leave the runs' output folders (journals, images) in WORKDIR/runs "
+                             "for a look after the benchmark")
     parser.add_argument("--img2dataset-venv", type=Path, default=DEFAULT_I2D_VENV)
     parser.add_argument("--shard-size", type=int, default=None,
                         help="img2dataset --number_sample_per_shard (default: URLs / "
@@ -1325,7 +1343,8 @@ def main(argv: list[str] | None = None) -> None:
             print(setup.about, flush=True)
             scenario = bench_pairs(args, setup, exe, quiet, runs_dir, workdir)
         report(scenario)
-        clear_outputs(runs_dir, settle=index < len(names) - 1)
+        if not args.keep_runs:
+            clear_outputs(runs_dir, settle=index < len(names) - 1)
         scenarios.append(scenario)
     flt = None
     if args.filter_lines > 0:

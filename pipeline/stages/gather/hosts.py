@@ -123,6 +123,7 @@ class HostState:
     addresses: tuple[str, ...] | None = None  # None: not resolved yet; (): the worker resolves
     policy: SitePolicy | None = None  # robots.txt and TDMRep, once asked
     crawl_delay: float = 0.0  # seconds between requests, as its robots.txt asked
+    made_up_asked: bool = False  # a worker asked it for a made-up path (worker._MadeUpPaths)
 
 
 class HostBook:

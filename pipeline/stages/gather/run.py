@@ -46,7 +46,6 @@ TICK_SECONDS = 0.2  # the coordinator wakes at least this often (signals, progre
 STATUS_EVERY = 1.0
 TROUBLE_SHARE = 8  # while the trouble looks local, 1/8 of --concurrency is in flight
 TROUBLE_MIN = 4
-PROBE_SHARE = 0.5  # of --concurrency, at most, for hosts that have not answered yet
 
 
 @dataclass
@@ -231,7 +230,7 @@ def _fetch(selection: Selection, options: GatherOptions, journal: JsonLinesWrite
         scheduler = Scheduler(((index, entry.klass, host_key(entry.url))
                                for index, entry in pending),
                               selection.entry, collector.ok_counts, options.limit, hosts,
-                              max(1, int(options.concurrency * PROBE_SHARE)))
+                              options.probe_slots)
         report.skipped = collector.skipped
         if scheduler.total:
             _Run(scheduler, options, collector, report, names).drive()
@@ -288,9 +287,11 @@ class _Run:
         return True
 
     def _start_jobs(self, pool: WorkerPool, now: float) -> None:
-        while (pool.has_room() and len(self.jobs) < self._concurrency()
-               and (job := self.scheduler.next(now)) is not None):
-            policy = self.hosts.state(job.host).policy
+        while (pool.has_room() and len(self.jobs) < self._in_flight_limit()
+               and (job := self.scheduler.next(now, may_download=self._may_download()))
+               is not None):
+            state = self.hosts.state(job.host)
+            policy = state.policy
             refusal = policy.refusal(job.entry.url) if policy and policy.restricts else None
             if refusal is not None:
                 self._refuse(job, refusal)
@@ -303,8 +304,9 @@ class _Run:
                                 str(target_stem(self.options.out, job.entry)),
                                 job.read_timeout, self.hosts.addresses(job.host),
                                 ask_policy=self.hosts.needs_policy(job.host),
-                                may_probe=policy is None
-                                or policy.allows_made_up_path(job.entry.url)))
+                                may_probe=not state.made_up_asked and (
+                                    policy is None
+                                    or policy.allows_made_up_path(job.entry.url))))
         pool.flush()
 
     def _refuse(self, job: Job, refusal: str) -> None:
@@ -313,12 +315,18 @@ class _Run:
         self.scheduler.finished(job)
         self._journal(job, Attempt("opted_out", final=True, error=refusal))
 
-    def _concurrency(self) -> int:
-        """--concurrency, or a fraction of it while the trouble looks local: fewer attempts
-        wasted while it lasts, and the retries of hosts that answered before go first."""
+    def _in_flight_limit(self) -> int:
+        """Downloads and first contacts, or a fraction of --concurrency for both while the
+        trouble looks local: fewer attempts wasted while it lasts, and the retries of hosts
+        that answered before go first."""
         if not self.hosts.trouble.slow:
-            return self.options.concurrency
+            return self.options.concurrency + self.options.probe_slots
         return max(TROUBLE_MIN, self.options.concurrency // TROUBLE_SHARE)
+
+    def _may_download(self) -> bool:
+        """Whether a URL of a host that has answered may start (first contacts have slots of
+        their own: `GatherOptions.probe_slots`)."""
+        return len(self.jobs) - self.scheduler.probing < self.options.concurrency
 
     def _read_timeout(self, job: Job) -> float | None:
         return self.hosts.read_timeout(
@@ -335,6 +343,8 @@ class _Run:
         job.last_error = attempt.error
         if reply.site_files is not None:
             self.hosts.set_policy(job.host, SitePolicy.parse(reply.site_files), time.monotonic())
+        if reply.probed:
+            self.hosts.state(job.host).made_up_asked = True
         self.hosts.record(job.host, connection_failed=attempt.connection_failed,
                           started=started, now=time.monotonic(), error=attempt.error,
                           cut_short=attempt.cut_short, ours=attempt.ours,

@@ -3,13 +3,13 @@
 Plain synchronous code driven by the coordinator's loop (no I/O, so it is unit-tested with a
 fake clock). URLs are handed out round-robin across classes and, within a class, first to
 hosts that have not answered yet (their probe, see hosts.HostBook: a dead host's timeouts
-then run at the start, beside the others' work, instead of at the end; at most half the slots
-go to such probes), then to the host with the most URLs left that may take one more (longest
-queue first): the biggest host (Flickr in the real list) decides when a run can end, so it is
-kept at its connection limit while the free slots go to the others. A class with
-`limit - ok` URLs in flight (or waiting to be retried) gets no new one until one of them fails,
-so `--limit N` yields exactly N images without over-fetching. URLs of a host that went down
-are handed back through `take_dropped` without being requested.
+then run at the start, beside the others' work, instead of at the end; such probes have
+slots of their own, beside the downloads'), then to the host with the most URLs left that may
+take one more (longest queue first): the biggest host (Flickr in the real list) decides when a
+run can end, so it is kept at its connection limit while the free slots go to the others. A
+class with `limit - ok` URLs in flight (or waiting to be retried) gets no new one until one of
+them fails, so `--limit N` yields exactly N images without over-fetching. URLs of a host that
+went down are handed back through `take_dropped` without being requested.
 
 A host that may not take a URL now (at its connection limit, paused, its name not looked up
 yet) is parked with its segments, out of the class heaps, until what it waits for happens:
@@ -80,8 +80,10 @@ class _ClassQueue:
 class Scheduler:
     """`work` is (selection index, class, host) per waiting URL, in list order; `load` reads
     an index's entry back. At most `probe_budget` attempts at once go to hosts that have not
-    answered yet: a 2011 list has thousands of small dead hosts, whose probes (connect
-    timeouts, trickles) would otherwise hold every slot while the big live hosts wait."""
+    answered yet, and the caller says when the downloads' slots are full (`next`'s
+    `may_download`), so the two never take each other's: a 2011 list has thousands of small
+    dead hosts, whose probes (connect timeouts, trickles) would otherwise hold every slot while
+    the big live hosts wait."""
 
     def __init__(self, work: Iterable[tuple[int, str, str]], load: Callable[[int], UrlEntry],
                  ok_counts: Counter[str], limit: int | None, hosts: HostBook,
@@ -144,18 +146,27 @@ class Scheduler:
             queue.waiting += int(self._end[segment] - starts[segment])
         self._classes = dict(zip(class_ids, queues, strict=True))
 
-    def next(self, now: float) -> Job | None:
-        """A job that may start now, or None (nothing queued, or all waiting on limits)."""
+    @property
+    def probing(self) -> int:
+        """Attempts in flight to hosts that had not answered when they began."""
+        return self._probing
+
+    def next(self, now: float, may_download: bool = True) -> Job | None:
+        """A job that may start now, or None (nothing queued, or all waiting on limits).
+        `may_download` False: only a first contact with a host that has not answered."""
         self._release_due(now)
         while self._parked_until and self._parked_until[0][0] <= now:
             self._unpark(heapq.heappop(self._parked_until)[1])
         self._release_probes()
+        if not may_download and self._probe_budget is not None \
+                and self._probing >= self._probe_budget:
+            return None
         for _ in range(len(self._order)):
             klass = self._order[0]
             self._order.rotate(-1)
             queue = self._classes[klass]
             if queue and self._has_room(klass):
-                job = self._pick_host(queue, now)
+                job = self._pick_host(queue, now, may_download)
                 if job is not None:
                     self._in_flight[klass] += 1
                     state = self.hosts.state(job.host)
@@ -231,7 +242,7 @@ class Scheduler:
             queue.waiting += 1
             heapq.heappush(queue.heap, (False, False, _TOP, job.host, job.segment))
 
-    def _pick_host(self, queue: _ClassQueue, now: float) -> Job | None:
+    def _pick_host(self, queue: _ClassQueue, now: float, may_download: bool) -> Job | None:
         while queue.heap:
             entry = heapq.heappop(queue.heap)
             host, segment = entry[3], entry[4]
@@ -240,6 +251,9 @@ class Scheduler:
             rank = self._rank(segment)
             if entry != rank:
                 heapq.heappush(queue.heap, rank)
+            elif rank[0] and not may_download:  # the unanswered hosts rank first: none left
+                heapq.heappush(queue.heap, rank)
+                return None
             elif self.hosts.is_down(host):
                 self._drop(queue, segment)
             elif (self._probe_budget is not None and self._probing >= self._probe_budget

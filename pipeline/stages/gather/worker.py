@@ -14,6 +14,7 @@ import contextlib
 import math
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import time
@@ -36,6 +37,8 @@ LAG_TICK = 0.05  # seconds between the lag meter's wake-ups
 LAG_SHARE = 0.25  # a connect timeout is ours when the loop lagged this share of --timeout
 STOP_SECONDS = 5.0
 MAX_RESPAWNS_PER_WORKER = 3
+FILES_PER_SLOT = 3  # a socket in flight, an idle keep-alive one, a temp file being written
+FILES_SPARE = 256  # the pipe, the resolver, the loop, libraries
 
 
 @dataclass
@@ -58,18 +61,31 @@ class Reply:
     seconds: float
     crash: str = ""  # an error of ours (disk full...): the run must stop
     missing_picture: tuple[str, str] | None = None  # (sha256, fingerprint): see _MadeUpPaths
+    probed: bool = False  # the host was asked for a made-up path (missing_picture: its answer)
     site_files: SiteFiles | None = None  # the host's policy files, when the request asked
 
 
 def worker_main(conn: Connection, options: GatherOptions, per_host: int) -> None:
     """Entry point of a worker process; `per_host`: its share of the connections per host."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _allow_open_files(FILES_PER_SLOT * worker_capacity(options) + FILES_SPARE)
     try:
         import uvloop  # libuv's loop: less CPU per URL than asyncio's own
     except ImportError:
         asyncio.run(_serve(conn, options, per_host))
     else:
         uvloop.run(_serve(conn, options, per_host))
+
+
+def _allow_open_files(wanted: int) -> None:
+    """Raise this process's soft limit on open files towards `wanted` (within the hard limit):
+    many systems start processes at 1,024, below what one worker's share of --concurrency
+    and the first contacts may hold; running out would fail attempts as ours, not the hosts'."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 async def _serve(conn: Connection, options: GatherOptions, per_host: int) -> None:
@@ -148,11 +164,13 @@ class _LagMeter:
 
 
 class _MadeUpPaths:
-    """Per host, the picture it serves for a path that cannot exist, asked once (per worker)
-    when the host first gives an image. Most dead sites in a 2011 list have one or two URLs,
-    so a picture they serve for every lost photo never repeats enough to be spotted as a
-    placeholder by count; asked for a made-up path, such a host shows it at once (a soft 404)
-    and the collector drops it, and anything near-identical from that site."""
+    """Per host, the picture it serves for a path that cannot exist, asked when the host
+    first gives an image. Most dead sites in a 2011 list have one or two URLs, so a picture
+    they serve for every lost photo never repeats enough to be spotted as a placeholder by
+    count; asked for a made-up path, such a host shows it at once (a soft 404) and the
+    collector drops it, and anything near-identical from that site. Asked once per host: the
+    coordinator stops allowing it once a reply says it was asked (`Reply.probed`), and the
+    host's URLs in flight in this worker meanwhile share the answer."""
 
     def __init__(self) -> None:
         self._answers: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
@@ -196,7 +214,7 @@ async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: Threa
         if attempt.timed_out and lagged >= LAG_SHARE * options.timeout:
             attempt.ours = f"our event loop ran {lagged:.1f} s late meanwhile"
             attempt.retry = True
-        staged = missing = None
+        staged = missing = asked = None
         if attempt.body is not None:
             asked = (asyncio.ensure_future(made_up.picture(session, resolver, pool, request,
                                                            options))
@@ -209,7 +227,7 @@ async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: Threa
         return Reply(request.job_id, Attempt("interrupted", final=False), None, 0.0,
                      crash=f"{type(exc).__name__}: {exc}")
     return Reply(request.job_id, attempt, staged, time.monotonic() - started,
-                 missing_picture=missing, site_files=files)
+                 missing_picture=missing, site_files=files, probed=asked is not None)
 
 
 async def _ask_policy(session: aiohttp.ClientSession, resolver: Resolver, request: Request,
@@ -253,6 +271,11 @@ def host_share(options: GatherOptions) -> tuple[bool, int]:
     return sticky, options.per_host if sticky else options.per_host // count
 
 
+def worker_capacity(options: GatherOptions) -> int:
+    """URLs one worker may have in flight: its share of the downloads and first contacts."""
+    return math.ceil((options.concurrency + options.probe_slots) / options.worker_processes)
+
+
 def effective_per_host(options: GatherOptions) -> int:
     """What the scheduler may have in flight per host, over all workers."""
     sticky, share = host_share(options)
@@ -273,7 +296,7 @@ class WorkerPool:
         self._options = options
         self._context = multiprocessing.get_context("spawn")
         count = options.worker_processes
-        self.capacity = math.ceil(options.concurrency / count)
+        self.capacity = worker_capacity(options)
         self._sticky, self._host_share = host_share(options)
         self._workers = [self._start() for _ in range(count)]
         self._respawns = 0
