@@ -230,7 +230,7 @@ def test_an_image_renamed_into_place_but_never_journaled_is_recovered(tmp_path):
 
 def stage(options: GatherOptions, item: UrlEntry, body: bytes) -> Staged:
     """A body checked, hashed and written as a gather worker does."""
-    return stage_body(body, str(target_stem(options.out, item)), options)
+    return stage_body(body, target_stem(options.out, item), options)
 
 
 def gather_bodies(options: GatherOptions, bodies: list[tuple[UrlEntry, bytes]]) -> Collector:

@@ -27,6 +27,7 @@ linear in the number of images times the probes, never quadratic.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cache
 from itertools import combinations
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -266,12 +267,13 @@ class BlockIndex:
     def __init__(self, hashes: np.ndarray) -> None:
         self.hashes = np.asarray(hashes, np.uint64)
         self.orders: list[np.ndarray] = []
-        self.starts: list[np.ndarray] = []
+        # (BLOCKS, BLOCK_VALUES + 1): a probe of every block is one lookup; `starts` views it
+        self._table = np.zeros((BLOCKS, BLOCK_VALUES + 1), np.int32)
         for block in range(BLOCKS):
             keys = block_keys(self.hashes, block)
             self.orders.append(np.argsort(keys, kind="stable").astype(np.int32))
-            counts = np.bincount(keys, minlength=BLOCK_VALUES)
-            self.starts.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+            np.cumsum(np.bincount(keys, minlength=BLOCK_VALUES), out=self._table[block, 1:])
+        self.starts = list(self._table)
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -289,12 +291,20 @@ class BlockIndex:
         return which, self.orders[block][np.repeat(begin, counts) + within].astype(np.int64)
 
     def near(self, value: int, max_distance: int) -> np.ndarray:
-        """The rows within max_distance bits of `value`, ascending."""
-        probe = np.uint64(value)
-        masks = block_masks(max_distance // BLOCKS)
-        rows = np.concatenate([self.rows_with(block, int(block_keys(probe, block)) ^ masks)[1]
-                               for block in range(BLOCKS)])
-        rows = rows[np.bitwise_count(self.hashes[rows] ^ probe) <= max_distance]
+        """The rows within max_distance bits of `value`, ascending. Asked once per image
+        gather keeps, and most have no near row: every block's probes are looked up in one
+        step, and nothing more is done when they all come up empty."""
+        keys = (np.array([(value >> (block * BLOCK_BITS)) & (BLOCK_VALUES - 1)
+                          for block in range(BLOCKS)])[:, None]
+                ^ block_masks(max_distance // BLOCKS)[None, :])
+        blocks = np.arange(BLOCKS)[:, None]
+        begin, end = self._table[blocks, keys], self._table[blocks, keys + 1]
+        hits = np.argwhere(end > begin).tolist()
+        if not hits:
+            return np.empty(0, np.int64)
+        rows = np.concatenate([self.orders[block][begin[block, k]:end[block, k]]
+                               for block, k in hits]).astype(np.int64)
+        rows = rows[np.bitwise_count(self.hashes[rows] ^ np.uint64(value)) <= max_distance]
         return np.unique(rows)
 
 
@@ -304,10 +314,13 @@ def block_keys(hashes: np.ndarray | np.uint64, block: int) -> np.ndarray:
         np.int64)
 
 
+@cache
 def block_masks(max_bits: int) -> np.ndarray:
-    """Every BLOCK_BITS-bit mask with at most `max_bits` bits set."""
-    return np.array([sum(1 << bit for bit in bits) for count in range(max_bits + 1)
-                     for bits in combinations(range(BLOCK_BITS), count)], np.int64)
+    """Every BLOCK_BITS-bit mask with at most `max_bits` bits set (made once, read-only)."""
+    masks = np.array([sum(1 << bit for bit in bits) for count in range(max_bits + 1)
+                      for bits in combinations(range(BLOCK_BITS), count)], np.int64)
+    masks.setflags(write=False)
+    return masks
 
 
 def near_pairs(table: HashTable, coarse_distance: int, fine_distance: int) -> set[tuple[int, int]]:

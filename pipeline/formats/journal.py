@@ -158,6 +158,11 @@ class JournalIndex:
     def outcome(self, image_id: str) -> str | None:
         return outcome_of(int(self.lookup([image_id])[0]))
 
+    def holds(self, outcome: str) -> bool:
+        """Whether any id's last outcome is `outcome`: one pass, so that a caller asking per
+        id (a lookup each) can skip asking when none is."""
+        return bool(np.any((self.codes & _INDEX) == _CODES[outcome]))
+
     def last_records(self, path: Path, outcomes: frozenset[str]
                      ) -> Iterator[tuple[int, dict[str, Any]]]:
         """(offset, last record) of every id whose last outcome is one of `outcomes`, read

@@ -301,7 +301,7 @@ class _Run:
             job.read_timeout = self._read_timeout(job)
             self.hosts.started(job.host, now)
             pool.submit(Request(self.next_id, job.entry.url, job.host,
-                                str(target_stem(self.options.out, job.entry)),
+                                target_stem(self.options.out, job.entry),
                                 job.read_timeout, self.hosts.addresses(job.host),
                                 ask_policy=self.hosts.needs_policy(job.host),
                                 may_probe=not state.made_up_asked and (
@@ -331,7 +331,7 @@ class _Run:
     def _read_timeout(self, job: Job) -> float | None:
         return self.hosts.read_timeout(
             job.host, self.options.timeout,
-            timed_out_before=self.collector.index.outcome(job.entry.id) == "timeout",
+            timed_out_before=self.collector.timed_out_before(job.entry),
             cut_at=job.read_timeout if job.cut_short else None)
 
     def _settle(self, reply: Reply, *, stopping: bool) -> None:

@@ -58,13 +58,12 @@ class Staged:
     phash: str = ""  # the Fingerprint of a decodable image, as text
 
 
-def target_stem(out: Path, entry: UrlEntry) -> Path:
+def target_stem(out: Path, entry: UrlEntry) -> str:
     """OUT/<class>/<id> or, for a hyponym, OUT/<class>/<hyponym>/<id>; the extension follows
-    the bytes."""
-    folder = out / entry.klass
+    the bytes. A string: made once per URL handed out, where pathlib's parsing showed."""
     if entry.wnid != entry.klass:
-        folder = folder / entry.wnid
-    return folder / safe_file_stem(entry.id)
+        return os.path.join(out, entry.klass, entry.wnid, safe_file_stem(entry.id))
+    return os.path.join(out, entry.klass, safe_file_stem(entry.id))
 
 
 def stage_body(body: bytes, stem: str, options: GatherOptions) -> Staged:
@@ -117,6 +116,7 @@ class Collector:
         self.options = options
         self.journal = journal
         self.index = index  # the journal as it was when the run began
+        self._timeouts_before = index.holds("timeout")
         self.skipped = 0  # selected URLs already final in the journal
         self.this_run: dict[str, Counter[str]] = defaultdict(Counter)
         self.ok_counts: Counter[str] = Counter()
@@ -136,6 +136,11 @@ class Collector:
             self.skipped += int(final.sum())
             yield from itertools.compress(batch, (~final).tolist())
 
+    def timed_out_before(self, entry: UrlEntry) -> bool:
+        """Whether the URL's last attempt in an earlier run timed out (it gets --timeout in
+        full, not its host's shorter one)."""
+        return self._timeouts_before and self.index.outcome(entry.id) == "timeout"
+
     def recover_unjournaled(self, pending: Iterable[tuple[int, UrlEntry]], classes: set[str]
                             ) -> Iterator[tuple[int, UrlEntry]]:
         """Journal images that a killed run renamed into place but never journaled; the
@@ -143,7 +148,7 @@ class Collector:
         on_disk = StemIndex.scan(self.options.out, classes)
         numbered = iter(pending)
         while batch := list(itertools.islice(numbered, LOOKUP_BATCH)):
-            stems = [str(target_stem(self.options.out, entry)) for _, entry in batch]
+            stems = [target_stem(self.options.out, entry) for _, entry in batch]
             for (index, entry), stem, found in zip(batch, stems, on_disk.contains(stems),
                                                     strict=True):
                 path = _file_of(stem) if found else None
@@ -218,7 +223,14 @@ class Collector:
         assert staged.path is not None
         if staged.temp:
             os.replace(staged.temp, staged.path)
-        record["path"] = Path(staged.path).relative_to(self.options.out).as_posix()
+        record["path"] = self._relative(staged.path)
+
+    def _relative(self, path: str) -> str:
+        """A path under OUT as the journal holds it (relative, with /)."""
+        prefix = os.path.join(self.options.out, "")
+        if path.startswith(prefix):
+            return path[len(prefix):].replace(os.sep, "/")
+        return Path(path).relative_to(self.options.out).as_posix()
 
     @staticmethod
     def _discard(staged: Staged) -> None:
