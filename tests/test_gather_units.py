@@ -481,3 +481,31 @@ def test_a_made_up_url_sits_beside_the_photo_and_names_no_real_file():
     assert first.endswith(".JPG") and "?" not in first
     assert made_up_url("http://img.example/photo") .endswith(".jpg")
     assert first != made_up_url("http://img.example:8080/photos/n01/12_w480.JPG?size=2")
+
+
+def test_a_worker_raises_its_open_files_limit_to_what_its_slots_may_hold():
+    """Many systems start processes at a soft limit of 1,024 open files, below what a worker's
+    share of --concurrency and the first contacts may hold (sockets, idle keep-alive ones,
+    temp files). Checked in a child process started at a soft limit of 256."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from pipeline.stages.gather.options import GatherOptions\n"
+        "from pipeline.stages.gather.worker import FILES_PER_SLOT, FILES_SPARE, "
+        "_allow_open_files, worker_capacity\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "options = GatherOptions(concurrency=512, processes=2)\n"
+        "wanted = FILES_PER_SLOT * worker_capacity(options) + FILES_SPARE\n"
+        "_allow_open_files(wanted)\n"
+        "now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
+        "limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)\n"
+        "print(worker_capacity(options), now, limit)\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, timeout=60).stdout.split()
+    capacity, now, limit = map(int, shown)
+    assert capacity == 384  # (512 downloads + 256 first contacts) / 2 workers
+    assert now == limit > 256
