@@ -158,8 +158,8 @@ class Scheduler:
         while self._parked_until and self._parked_until[0][0] <= now:
             self._unpark(heapq.heappop(self._parked_until)[1])
         self._release_probes()
-        if not may_download and self._probe_budget is not None \
-                and self._probing >= self._probe_budget:
+        if (not may_download and self._probe_budget is not None
+                and self._probing >= self._probe_budget):
             return None
         for _ in range(len(self._order)):
             klass = self._order[0]
