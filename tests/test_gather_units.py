@@ -509,3 +509,25 @@ def test_a_worker_raises_its_open_files_limit_to_what_its_slots_may_hold():
     capacity, now, limit = map(int, shown)
     assert capacity == 384  # (512 downloads + 256 first contacts) / 2 workers
     assert now == limit > 256
+
+
+def test_a_connect_timeout_is_ours_only_when_our_loop_lost_half_of_the_wait():
+    """A machine busy enough to run each worker's loop a quarter behind must not make every
+    black-holed host's timeout ours: such a timeout is retried (10 s each, in a first-contact
+    slot) and never counted, and the small live hosts wait behind it."""
+    from pipeline.stages.gather.http import Attempt
+    from pipeline.stages.gather.worker import blame_our_lag
+
+    def timeout() -> Attempt:
+        return Attempt("unreachable", final=False, error="no connection within 10 s",
+                       connection_failed=True, timed_out=True)
+
+    busy = timeout()
+    blame_our_lag(busy, lagged=3.0, timeout=10.0)  # the host still had 7 s to answer
+    assert not busy.ours and not busy.retry
+    stalled = timeout()
+    blame_our_lag(stalled, lagged=6.0, timeout=10.0)
+    assert stalled.ours == "our event loop ran 6.0 s late meanwhile" and stalled.retry
+    refused = Attempt("unreachable", final=False, error="refused", connection_failed=True)
+    blame_our_lag(refused, lagged=9.0, timeout=10.0)  # a refusal is the host's answer
+    assert not refused.ours

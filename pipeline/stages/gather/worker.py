@@ -215,10 +215,7 @@ async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: Threa
         if attempt is None:
             attempt = await fetch_once(session, request.url, options, resolver,
                                        request.read_timeout)
-        lagged = lag.total - lagged
-        if attempt.timed_out and lagged >= LAG_SHARE * options.timeout:
-            attempt.ours = f"our event loop ran {lagged:.1f} s late meanwhile"
-            attempt.retry = True
+        blame_our_lag(attempt, lag.total - lagged, options.timeout)
         staged = missing = asked = None
         if attempt.body is not None:
             asked = (asyncio.ensure_future(made_up.picture(session, resolver, pool, request,
@@ -233,6 +230,14 @@ async def _fetch(session: aiohttp.ClientSession, resolver: Resolver, pool: Threa
                      crash=f"{type(exc).__name__}: {exc}")
     return Reply(request.job_id, attempt, staged, time.monotonic() - started,
                  missing_picture=missing, site_files=files, probed=asked is not None)
+
+
+def blame_our_lag(attempt: Attempt, lagged: float, timeout: float) -> None:
+    """A connect timeout is ours (retried, never held against the host) when this process's
+    event loop ran `lagged` seconds late meanwhile, LAG_SHARE of --timeout or more."""
+    if attempt.timed_out and lagged >= LAG_SHARE * timeout:
+        attempt.ours = f"our event loop ran {lagged:.1f} s late meanwhile"
+        attempt.retry = True
 
 
 async def _ask_policy(session: aiohttp.ClientSession, resolver: Resolver, request: Request,
