@@ -141,6 +141,12 @@ class Placeholders:
         if digest not in self.digests:
             if mark is not None and self._near_known(mark, site):
                 self._remember(digest)  # not as a reference: the known set must not drift
+                # Kept before its family was known (a size far from the first ones declared):
+                # this image's near copies from the site, and theirs, go back too.
+                near = self._near_copies_of(mark, site, {offset for offset, _ in copies})
+                family = self._with_family(copies + near, site)
+                if family:
+                    self.take_back(family)
                 return f"near-identical to a placeholder from {site} listed in {listed}"
             alike = copies + (self._near_copies_of(mark, site, {offset for offset, _ in copies})
                               if mark is not None else [])
