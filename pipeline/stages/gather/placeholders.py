@@ -143,10 +143,7 @@ class Placeholders:
                 self._remember(digest)  # not as a reference: the known set must not drift
                 # Kept before its family was known (a size far from the first ones declared):
                 # this image's near copies from the site, and theirs, go back too.
-                near = self._near_copies_of(mark, site, {offset for offset, _ in copies})
-                family = self._with_family(copies + near, site)
-                if family:
-                    self.take_back(family)
+                self._take_back_near(mark, site, copies)
                 return f"near-identical to a placeholder from {site} listed in {listed}"
             alike = copies + (self._near_copies_of(mark, site, {offset for offset, _ in copies})
                               if mark is not None else [])
@@ -169,10 +166,14 @@ class Placeholders:
         self.found += 1
         self._soft_404s.add(digest)
         self._remember(digest, phash, site)
-        copies = self.kept.copies_of(digest)
-        copies += self._near_copies_of(Fingerprint.from_hex(phash), site,
-                                       {offset for offset, _ in copies})
-        self.take_back(self._with_family(copies, site))
+        self._take_back_near(Fingerprint.from_hex(phash), site, self.kept.copies_of(digest))
+
+    def _take_back_near(self, mark: Fingerprint, site: str, copies: Copies) -> None:
+        """Take back `copies`, the kept images from `site` near `mark`, and their family."""
+        near = self._near_copies_of(mark, site, {offset for offset, _ in copies})
+        family = self._with_family(copies + near, site)
+        if family:
+            self.take_back(family)
 
     def _near_known(self, mark: Fingerprint, site: str) -> bool:
         """Compared with the known placeholders from the same site: few enough to scan, with
